@@ -33,14 +33,18 @@ def load_file(path) -> Any:
             return load_safetensors(str(path), device='cpu')
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f'{path} is not a valid safetensors file ({e})') from None
+    with open(path, 'rb') as f:
+        magic = f.read(4)
+    # torch.save writes a zip archive; files from torch < 1.6 are a bare pickle (protocol byte 0x80)
+    if magic != b'PK\x03\x04' and magic[:1] != b'\x80':
+        raise CheckpointError(f'{path} is not a PyTorch checkpoint (.pth) or safetensors file')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f'{path} holds objects other than tensors and cannot be loaded safely '
-                              f'({first_line})') from None
+    except pickle.UnpicklingError:
+        raise CheckpointError(f'{path} holds Python objects other than tensors and plain containers; it is '
+                              f'not loaded because unpickling them could run arbitrary code') from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f'{path} is corrupt or not a PyTorch checkpoint ({type(e).__name__})') from None
+        raise CheckpointError(f'{path} is corrupt or truncated ({type(e).__name__}: {str(e)[:80]})') from None
 
 
 def unwrap_state_dict(checkpoint: Any, source: str = 'checkpoint') -> Dict[str, torch.Tensor]:

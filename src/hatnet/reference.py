@@ -51,7 +51,7 @@ def reference_model(variant: str, weight_seed: int, dtype=torch.float32) -> torc
     """A hat_net model carrying the stand-in weights, loaded through the original-checkpoint route."""
     model = timm.create_model(
         VARIANT_NAMES[variant], pretrained=True,
-        pretrained_cfg_overlay=dict(state_dict=reference_state_dict(variant, weight_seed), custom_load=False))
+        pretrained_cfg_overlay=dict(state_dict=reference_state_dict(variant, weight_seed)))
     return model.to(dtype).eval()
 
 

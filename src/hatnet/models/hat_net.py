@@ -46,7 +46,6 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, calculate_drop_path_rates, get_device_dtype, trunc_normal_
 from timm.layers import register_notrace_function
 from timm.models import PretrainedCfg, build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models import load_pretrained as timm_load_pretrained
 from timm.models._features import feature_take_indices
 
 from ..checkpoint_io import read_state_dict, unwrap_state_dict
@@ -427,18 +426,6 @@ class HatNet(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.head.train(self.training)
 
-    @torch.jit.ignore
-    def load_pretrained(self, checkpoint_path: str, prefix: str = ''):
-        """Load an original HAT-Net .pth or a hatnet checkpoint/safetensors file (timm ``custom_load``).
-
-        Reading goes through ``read_state_dict`` (weights_only, one clear error per bad file); head and input
-        channel adaptation are timm's.
-        """
-        cfg = dict(self.pretrained_cfg, state_dict=read_state_dict(checkpoint_path), custom_load=False)
-        cfg.pop('file', None)
-        timm_load_pretrained(
-            self, cfg, num_classes=self.num_classes, in_chans=self.in_chans, filter_fn=checkpoint_filter_fn)
-
     def forward_intermediates(
             self,
             x: torch.Tensor,
@@ -539,6 +526,13 @@ def _remap_original_key(key: str) -> str:
     return key
 
 
+def remap_original_keys(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Rename the keys of an original HAT-Net state_dict to hatnet's layout (others pass unchanged)."""
+    if not any(k.startswith(('patch_embed.', 'blocks.')) for k in state_dict):
+        return state_dict
+    return {_remap_original_key(k): v for k, v in state_dict.items()}
+
+
 def _describe_architecture(state_dict: Dict[str, torch.Tensor]) -> Optional[dict]:
     """Stage widths, depths and MLP kernel sizes of a hatnet-layout state_dict (None if not HAT-Net)."""
     dims, depths, kernels = [], [], []
@@ -569,44 +563,45 @@ def _check_fits(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> None:
     The classifier and the input-channel dimension of the first conv are left to timm, which adapts them.
     """
     expected = model.state_dict()
-    adaptable = ('head.weight', 'head.bias', 'stem.conv1.weight')
-    missing = [k for k in expected if k not in state_dict and k not in adaptable[:2]]
-    unexpected = [k for k in state_dict if k not in expected and k not in adaptable[:2]]
-    mismatched = [k for k in expected if k in state_dict and k not in adaptable
+    head = ('head.weight', 'head.bias')
+    missing = [k for k in expected if k not in state_dict and k not in head]
+    unexpected = [k for k in state_dict if k not in expected and k not in head]
+    mismatched = [k for k in expected if k in state_dict and k not in head + ('stem.conv1.weight',)
                   and state_dict[k].shape != expected[k].shape]
     if not (missing or unexpected or mismatched):
         return
+    if missing:
+        details = f'{len(missing)} weights missing, e.g. {missing[:3]}'
+    elif unexpected:
+        details = f'{len(unexpected)} unexpected weights, e.g. {unexpected[:3]}'
+    else:
+        key = mismatched[0]
+        details = f'{key} has shape {tuple(state_dict[key].shape)}, the model needs {tuple(expected[key].shape)}'
     arch = _describe_architecture(state_dict)
     if arch is None:
-        raise CheckpointError(
-            f'not a HAT-Net checkpoint: {len(missing)} expected weights are missing '
-            f'(e.g. {missing[:3]}), unexpected weights include {unexpected[:3]}')
+        raise CheckpointError(f'not a HAT-Net checkpoint ({details})')
     model_name = getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
     variant = guess_variant(state_dict)
-    looks_like = variant or 'an unknown HAT-Net configuration'
-    if missing or unexpected or mismatched:
-        details = (f'missing {missing[:3]}' if missing else
-                   f'unexpected {unexpected[:3]}' if unexpected else
-                   f'shape mismatch at {mismatched[0]}: checkpoint {tuple(state_dict[mismatched[0]].shape)} '
-                   f'vs model {tuple(expected[mismatched[0]].shape)}')
-        if variant == model_name:
-            raise CheckpointError(f'checkpoint does not fit {model_name}: {details}')
-        raise CheckpointError(
-            f'checkpoint does not fit {model_name}: it looks like {looks_like} '
-            f'(stage widths {arch["embed_dims"]}, depths {arch["depths"]}); {details}')
+    if variant == model_name:
+        raise CheckpointError(f'checkpoint does not fit {model_name}: {details}')
+    raise CheckpointError(
+        f'checkpoint does not fit {model_name}: it looks like {variant or "an unknown HAT-Net configuration"} '
+        f'(stage widths {arch["embed_dims"]}, depths {arch["depths"]}); {details}')
 
 
 def checkpoint_filter_fn(state_dict, model: nn.Module) -> Dict[str, torch.Tensor]:
     """Map an original HAT-Net checkpoint (raw, under 'model'/'state_dict', with or without a 'module.'
     prefix) or a hatnet checkpoint onto ``model``'s layout, and check that it fits."""
-    state_dict = unwrap_state_dict(state_dict)
-    if any(k.startswith(('patch_embed.', 'blocks.')) for k in state_dict):
-        state_dict = {_remap_original_key(k): v for k, v in state_dict.items()}
+    state_dict = remap_original_keys(unwrap_state_dict(state_dict))
     _check_fits(state_dict, model)
     return state_dict
 
 
 def _create_hat_net(variant: str, pretrained: bool = False, **kwargs) -> HatNet:
+    overlay = kwargs.get('pretrained_cfg_overlay') or {}
+    if pretrained and overlay.get('file') and overlay.get('state_dict') is None:
+        # read local files here rather than in timm: weights_only, safetensors, one clear error per bad file
+        kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=read_state_dict(overlay['file']))
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
     model_args = dict(_COMMON_ARGS, **VARIANT_ARGS[variant])
     return build_model_with_cfg(
@@ -628,7 +623,6 @@ class HatNetPretrainedCfg(PretrainedCfg):
 def _cfg(variant_file: str, top1: float) -> HatNetPretrainedCfg:
     return HatNetPretrainedCfg(
         url=f'https://github.com/yun-liu/HAT-Net/releases/download/v2.0/HAT-Net_{variant_file}.pth',
-        custom_load=True,  # read through HatNet.load_pretrained: weights_only, clear errors, .safetensors
         num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875, interpolation='bicubic',
         mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv='stem.conv1', classifier='head',
         top1=top1, description=f'ImageNet-1k, published top-1 {top1}%', origin_url='https://github.com/yun-liu/HAT-Net',

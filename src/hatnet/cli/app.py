@@ -1,0 +1,11 @@
+"""The typer applications every command module registers on."""
+import typer
+
+app = typer.Typer(
+    name='hatnet', no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help='HAT-Net (Vision Transformers with Hierarchical Attention): models, training, evaluation, '
+         'benchmarks and export.')
+seg_app = typer.Typer(no_args_is_help=True, help='Semantic segmentation with a Semantic FPN head.')
+det_app = typer.Typer(no_args_is_help=True, help='Object detection (RetinaNet) and instance segmentation (Mask R-CNN).')
+app.add_typer(seg_app, name='seg')
+app.add_typer(det_app, name='det')
