@@ -1,6 +1,7 @@
 """The trainer on a toy task: optimisation, exact resume, DDP, schedules, run-directory rules."""
 import csv
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -74,6 +76,8 @@ class ToyTask(Task):
             raise RuntimeError('simulated crash')
         time.sleep(self.config.step_sleep)
         x, y = (t.to(device) for t in batch)
+        # like Mixup (numpy) and RandAugment (python): the trainer must seed and restore these generators too
+        x = x * (1 + self.config.noise * (np.random.rand() - random.random()))
         logits = model(x)
         return F.cross_entropy(logits, y), {'acc': (logits.argmax(1) == y).float().mean()}
 
@@ -128,6 +132,7 @@ def test_resume_after_crash_ends_where_an_uninterrupted_run_does(tmp_path, lengt
     # 12 batches per epoch; checkpoints every 4 steps and at evaluations; the crash is in step 10
     settings = dict(length, ema=True, save_every=4, clip_grad=1.0)
     train(ToyTask(), _cfg(tmp_path / 'full', **settings))
+    np.random.seed(99), random.seed(99), torch.manual_seed(99)  # whatever ran before must not matter
     with pytest.raises(RuntimeError, match='simulated crash'):
         train(ToyTask(ToyConfig(crash_at=crash_at)), _cfg(tmp_path / 'crashed', **settings))
     last = torch.load(tmp_path / 'crashed' / 'last.pth', weights_only=True)
