@@ -271,6 +271,8 @@ def test_recipes_split_coerce_and_reject_unknown_keys(tmp_path):
     train_cfg, toy_cfg = resolve_config(ToyConfig, {'out': 'x', 'epochs': 7, 'lr': None}, recipe=str(recipe))
     assert train_cfg.lr == 5e-4 and train_cfg.epochs == 7 and train_cfg.decay_milestones == [8, 11]
     assert toy_cfg.n_train == 50 and train_cfg.out == 'x'
+    train_cfg, _ = resolve_config(ToyConfig, {'iters': 30}, recipe=str(recipe))  # replaces the recipe's epochs
+    assert (train_cfg.epochs, train_cfg.iters) == (0, 30)
     recipe.write_text('lr: 1e-3\nlearning_rate: 3\n')
     with pytest.raises(HatNetError, match="unknown setting 'learning_rate'"):
         resolve_config(ToyConfig, {}, recipe=str(recipe))

@@ -175,6 +175,10 @@ def resolve_config(
         values = load_recipe(run_dir / 'config.yaml')
     elif recipe is not None:
         values = load_recipe(find_recipe(recipe, aliases))
+    # epochs and iters are one setting: giving either one replaces the other
+    for given, other in (('epochs', 'iters'), ('iters', 'epochs')):
+        if options.get(given) and not options.get(other):
+            values.pop(other, None)
     values.update(options)
     return build_configs(values, task_config_cls)
 
