@@ -53,6 +53,7 @@ class TrainConfig:
     ema_warmup: bool = True         # ramp the EMA decay up over the first steps (timm ModelEmaV3 use_warmup)
     seed: int = 0
     device: str = 'auto'            # auto | cpu | cuda | cuda:N
+    threads: int = 0                # intra-op CPU threads per process (0: PyTorch's default, one per core)
     # bookkeeping
     eval_every: int = 1             # epochs for epoch runs, optimiser steps for iteration runs
     save_every: int = 0             # also write 'last' every N optimiser steps (0: only at evaluation points)

@@ -62,6 +62,8 @@ LOG_TXT = 'log.txt'
 def train(task: Task, config: TrainConfig) -> Dict[str, Any]:
     """Run (or, with ``config.resume``, continue) a training run; returns ``{'run_dir', 'metrics', 'best'}``."""
     _check_config(config)
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
     with dist.setup(config.device) as device, worker_errors_unwrapped():
         return Trainer(task, config, device).fit()
 
