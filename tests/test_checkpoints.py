@@ -121,3 +121,13 @@ def test_pretrained_cfgs_describe_the_release():
         assert (cfg.input_size, cfg.crop_pct, cfg.top1) == ((3, 224, 224), 0.875, top1)
         assert cfg.mean == (0.485, 0.456, 0.406) and cfg.std == (0.229, 0.224, 0.225)
         assert timm.create_model(name, device='meta').pretrained_cfg['top1'] == top1
+
+
+def test_unreachable_release_url_says_what_to_do(monkeypatch):
+    from urllib.error import URLError
+
+    def offline(*args, **kwargs):
+        raise URLError('no network')
+    monkeypatch.setattr('timm.models._builder.load_state_dict_from_url', offline)
+    with pytest.raises(CheckpointError, match=r'could not download the hat_net_tiny weights .*file=PATH'):
+        timm.create_model('hat_net_tiny', pretrained=True)
