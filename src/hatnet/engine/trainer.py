@@ -359,7 +359,8 @@ class Trainer:
             raise CheckpointError(f'{path} is a {state["task"]} run, not a {self.task.name} one')
         load_weights(self.model, state['model'], source=str(path))
         self.optimizer.load_state_dict(state['optimizer'])
-        self.scheduler.load_state_dict(state['scheduler'])
+        # the schedule is a function of the step and the settings: it is rebuilt, not loaded, so that a resumed
+        # run may change its length (e.g. --epochs 400 to continue a 300-epoch run)
         self.scaler.load_state_dict(state['scaler'])
         if self.ema is not None and state['ema'] is not None:
             self.ema.module.load_state_dict(state['ema'])
