@@ -161,7 +161,8 @@ def evaluate(
         batch_size: int = typer.Option(64),
         workers: int = typer.Option(2),
         out: Optional[Path] = typer.Option(None, help='Folder for confusion_matrix.png and per_class.csv '
-                                                      '(default: the run directory, else ./eval).'),
+                                                      '(default: RUN/eval-DATA-SPLIT for a run directory, '
+                                                      'else ./eval).'),
         json_output: bool = typer.Option(False, '--json', help='Print one JSON object (top1, top5 as fractions).'),
         device: str = typer.Option('auto', help='auto | cpu | cuda.'),
 ):
