@@ -1,4 +1,5 @@
 """``hatnet train / eval / predict / attention / demo``: image classification."""
+import csv
 import json
 import os
 import time
@@ -113,9 +114,10 @@ def _evaluation_report(metrics, confusion, names, out_dir: Path, title: str):
     accuracy = per_class_accuracy(confusion)
     counts = confusion.sum(1).long().tolist()
     rows = [(name, n, None if n == 0 else float(a)) for name, n, a in zip(names, counts, accuracy)]
-    with open(out_dir / 'per_class.csv', 'w') as f:
-        f.write('class,images,accuracy\n')
-        f.writelines(f'"{name}",{n},{"" if a is None else f"{a:.6f}"}\n' for name, n, a in rows)
+    with open(out_dir / 'per_class.csv', 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(['class', 'images', 'accuracy'])
+        writer.writerows([name, n, '' if a is None else f'{a:.6f}'] for name, n, a in rows)
     report = dict(metrics, images=int(confusion.sum().item()),
                   per_class={name: a for name, n, a in rows if n > 0},
                   confusion_matrix=str(out_dir / 'confusion_matrix.png'), per_class_csv=str(out_dir / 'per_class.csv'))
@@ -139,17 +141,6 @@ def _print_report(console: Console, report: dict, rows, max_rows: int = 30):
     console.print(f'confusion matrix: {report["confusion_matrix"]}, per-class CSV: {report["per_class_csv"]}')
 
 
-def _resolve_data(data: Optional[str], checkpoint: Path) -> str:
-    """The --data given, or the data the checkpoint's run was trained on."""
-    if data:
-        return data
-    from ..engine import load_run_checkpoint
-    config = load_run_checkpoint(checkpoint).config
-    if not config.get('data'):
-        raise HatNetError('give --data (the checkpoint does not say which data it was trained on)')
-    return config['data']
-
-
 @app.command('eval')
 def evaluate(
         checkpoint: Path = typer.Option(..., help='Run directory (its best checkpoint), checkpoint file, or an '
@@ -170,8 +161,10 @@ def evaluate(
     from ..engine.distributed import resolve_device
     from ..tasks.classification import evaluate_classifier, load_classifier
 
-    data = _resolve_data(data, checkpoint)
     classifier = load_classifier(checkpoint, model, img_size, resolve_device(device))
+    data = data or classifier.trained_data
+    if not data:
+        raise HatNetError(f'give --data: {checkpoint} does not say which data it was trained on')
     metrics, confusion, names = evaluate_classifier(classifier, data, split, batch_size, workers)
     out = out or (checkpoint / f'eval-{Path(data).name}-{split}' if checkpoint.is_dir() else Path('eval'))
     title = f'{classifier.model_name} on {data}/{split}'
