@@ -285,13 +285,13 @@ def demo(
         ClassificationConfig, dict(out=str(out), epochs=epochs, device=device, data='digits', model='hat_net_tiny'),
         recipe='digits')
     console.print(f'[bold]hatnet demo[/]: {task_cfg.model} on the embedded handwritten digits '
-                  f'(1,437 training / 360 validation images, {task_cfg.img_size or 32} px), {train_cfg.epochs} epochs')
+                  f'(1,437 training / 360 validation images, {task_cfg.img_size} px), {train_cfg.epochs} epochs')
     start = time.time()
     result = run_training(ClassificationTask(task_cfg), train_cfg)
     minutes = (time.time() - start) / 60
     classifier = load_classifier(out, device=resolve_device(device))
     metrics, confusion, names = evaluate_classifier(classifier, 'digits', 'val', workers=0)
-    report, rows = _evaluation_report(metrics, confusion, names, out, 'hat_net_tiny on the digits (validation)')
+    _evaluation_report(metrics, confusion, names, out, 'hat_net_tiny on the digits (validation)')
     console.print(f'\nvalidation accuracy [bold green]{100 * metrics["top1"]:.2f} %[/] '
                   f'(best checkpoint, step {result["best"]["step"]}) after {minutes:.1f} min of training')
     console.print(f'curves: {out / "curves.png"}, confusion matrix: {out / "confusion_matrix.png"}, '
