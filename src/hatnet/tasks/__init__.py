@@ -1,0 +1,1 @@
+"""Tasks for the one trainer: each knows its data, model, loss and metrics."""
