@@ -38,8 +38,9 @@ from torchvision.transforms import v2
 from ..errors import DatasetError
 
 __all__ = [
-    'ADE20K_CLASSES', 'LAYOUTS', 'SegmentationData', 'SegmentationDataset', 'RandomCropCatMaxRatio',
-    'colorize', 'eval_transform', 'find_samples', 'load_data', 'load_image', 'make_palette', 'train_transform',
+    'ADE20K_CLASSES', 'LAYOUTS', 'SHAPE_CLASSES', 'SegmentationData', 'SegmentationDataset', 'PhotoMetricDistortion',
+    'RandomCropCatMaxRatio', 'colorize', 'eval_transform', 'find_samples', 'get_layout', 'load_data', 'load_image',
+    'make_palette', 'train_transform', 'write_shapes_dataset',
 ]
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
@@ -106,9 +107,15 @@ def _files(folder: Path, extensions: Sequence[str]) -> Dict[str, Path]:
     return files
 
 
+def get_layout(name: str) -> Layout:
+    if name not in LAYOUTS:
+        raise DatasetError(f'unknown dataset layout {name!r}; choose one of {sorted(LAYOUTS)}')
+    return LAYOUTS[name]
+
+
 def find_samples(root: Path, layout: str, split: str) -> List[Tuple[Path, Path]]:
     """(image, mask) pairs of one split, matched by file stem; every image needs a mask and vice versa."""
-    spec = LAYOUTS[layout]
+    spec = get_layout(layout)
     image_dir, mask_dir = root / spec.images / split, root / spec.masks / split
     for folder in (image_dir, mask_dir):
         if not folder.is_dir():
@@ -215,11 +222,9 @@ def load_data(
     data plus one; ADE20K data with 150 classes gets ADE20K's class names.
     """
     root = Path(root)
-    if layout not in LAYOUTS:
-        raise DatasetError(f'unknown dataset layout {layout!r}; choose one of {sorted(LAYOUTS)}')
+    spec = get_layout(layout)
     if not root.is_dir():
         raise DatasetError(f'dataset folder not found: {root}')
-    spec = LAYOUTS[layout]
     names, ignore_index, palette = _read_class_file(root) if layout == 'folders' else (None, None, None)
     ignore_index = 255 if ignore_index is None else ignore_index
     samples = {split: find_samples(root, layout, split) for split in (splits or spec.splits)}
@@ -246,12 +251,12 @@ def load_data(
                             palette or make_palette(num_classes), samples)
 
 
-def load_image(path) -> torch.Tensor:
+def load_image(path) -> tv_tensors.Image:
     """An image file as a (3, H, W) uint8 tensor."""
     path = Path(path)
     with _open(path, 'image') as img:
         try:
-            return v2.functional.pil_to_tensor(img.convert('RGB'))
+            return tv_tensors.Image(v2.functional.pil_to_tensor(img.convert('RGB')))
         except OSError as e:
             raise DatasetError(f'cannot read image {path} ({e})') from None
 
@@ -276,7 +281,7 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         image_path, mask_path = self.samples[index]
-        image = tv_tensors.Image(load_image(image_path))
+        image = load_image(image_path)
         labels = map_labels(_read_mask(mask_path).astype(np.int64), self.ignore_index, self.reduce_zero_label)
         mask = tv_tensors.Mask(torch.from_numpy(labels))
         if self.joint:
@@ -366,10 +371,10 @@ def eval_transform(short_side: int, mean: Sequence[float], std: Sequence[float])
 def colorize(mask: np.ndarray, palette: Sequence[Tuple[int, int, int]]) -> Image.Image:
     """A class-index mask as a palette PNG image (an RGB one for more than 256 classes)."""
     if len(palette) <= 256:
-        image = Image.fromarray(mask.astype(np.uint8), mode='P')
-        image.putpalette([v for colour in palette for v in colour])
+        image = Image.fromarray(mask.astype(np.uint8))
+        image.putpalette([v for colour in palette for v in colour])  # L -> P: the pixels stay class indices
         return image
-    return Image.fromarray(np.asarray(palette, dtype=np.uint8)[mask], mode='RGB')
+    return Image.fromarray(np.asarray(palette, dtype=np.uint8)[mask])
 
 
 SHAPE_CLASSES = ('background', 'disc', 'box', 'triangle')
@@ -421,7 +426,7 @@ def write_shapes_dataset(root, layout: str = 'folders', num_train: int = 64, num
     backgrounds; 4 classes with 'background') in one of the :data:`LAYOUTS`. Image sides are drawn from
     ``size`` (min, max). Shape boundaries are unlabelled (0 in the ADE20K layout, 255 in the folders one)."""
     root = Path(root)
-    spec = LAYOUTS[layout]
+    spec = get_layout(layout)
     rng = np.random.default_rng(seed)
     for split, count in zip(spec.splits, (num_train, num_val)):
         (root / spec.images / split).mkdir(parents=True, exist_ok=True)
@@ -431,7 +436,7 @@ def write_shapes_dataset(root, layout: str = 'folders', num_train: int = 64, num
             image, labels = _draw_shapes(rng, height, width)
             stored = labels + 1 if spec.reduce_zero_label else np.where(labels < 0, 255, labels)
             image.save(root / spec.images / split / f'{i:05d}.{"jpg" if layout == "ade20k" else "png"}', quality=95)
-            Image.fromarray(stored.astype(np.uint8), mode='L').save(root / spec.masks / split / f'{i:05d}.png')
+            Image.fromarray(stored.astype(np.uint8)).save(root / spec.masks / split / f'{i:05d}.png')
     if layout == 'folders':
         (root / 'classes.yaml').write_text(yaml.safe_dump(dict(classes=list(SHAPE_CLASSES), ignore_index=255)))
     return root

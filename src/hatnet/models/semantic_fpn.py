@@ -16,6 +16,7 @@ The backbone is any timm model that supports ``features_only`` and has features 
 backbones under one head.
 """
 import math
+import re
 from collections import OrderedDict
 from functools import partial
 from pathlib import Path
@@ -29,6 +30,7 @@ from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork
 
 from ..checkpoint_io import read_state_dict
 from ..errors import CheckpointError, HatNetError
+from .hat_net import VARIANT_ARGS as HAT_NET_VARIANTS
 
 __all__ = ['SemanticFPN', 'create_backbone']
 
@@ -51,15 +53,22 @@ def create_backbone(
     kwargs = dict(features_only=True)
     if drop_path_rate is not None:
         kwargs['drop_path_rate'] = drop_path_rate
-    if pretrained:
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(
-            file=str(pretrained), state_dict=read_state_dict(pretrained)))
-    try:
+    if not pretrained:
         return timm.create_model(name, **kwargs)
-    except RuntimeError as e:  # a strict load_state_dict that does not fit (HAT-Net raises CheckpointError itself)
-        if not pretrained:
-            raise
-        raise CheckpointError(f'{pretrained} does not fit {name}: {str(e).splitlines()[0]}') from None
+    state_dict = read_state_dict(pretrained)
+    overlay = dict(file=str(pretrained), state_dict=state_dict)
+    if timm.models.get_pretrained_cfg_value(name, 'architecture') not in HAT_NET_VARIANTS:
+        # timm loads features_only weights non-strictly (a wrong file would load silently): drop the
+        # classifier and load everything else strictly into a classifier-less model
+        classifiers = timm.models.get_pretrained_cfg_value(name, 'classifier') or ()
+        prefixes = tuple(f'{c}.' for c in ((classifiers,) if isinstance(classifiers, str) else classifiers))
+        overlay.update(state_dict={k: v for k, v in state_dict.items() if not k.startswith(prefixes)}, num_classes=0)
+        kwargs['num_classes'] = 0
+    try:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except RuntimeError as e:  # HAT-Net checks the fit itself and raises CheckpointError
+        details = re.sub(r'^Error\(s\) in loading state_dict for \w+: ', '', ' '.join(str(e).split()))
+        raise CheckpointError(f'{pretrained} does not fit {name}: {details[:300]}') from None
 
 
 class ScaleHead(nn.Sequential):
@@ -122,6 +131,9 @@ class SemanticFPN(nn.Module):
             ScaleHead(fpn_channels, head_channels, stride, FPN_STRIDES[0], norm_layer) for stride in FPN_STRIDES])
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(head_channels, num_classes, 1)
+        # small initial logits (as mmsegmentation): the first loss is ~log(num_classes), not a large random one
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
 
     @property
     def pretrained_cfg(self) -> dict:

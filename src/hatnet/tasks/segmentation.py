@@ -13,19 +13,24 @@ Sliding-window inference (windows of the crop size, overlapping by a third) and 
 averaging are optional.
 """
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torch.utils.data import DataLoader
-from torchmetrics.classification import MulticlassConfusionMatrix
+from torchmetrics.functional.classification import multiclass_confusion_matrix
 
+from ..checkpoint_io import _atomic_write
 from ..data.segmentation import (
-    SegmentationData, SegmentationDataset, collate, eval_transform, load_data, train_transform)
-from ..engine import Task
+    SegmentationData, SegmentationDataset, collate, colorize, eval_transform, get_layout, load_data, load_image,
+    train_transform)
+from ..engine import Task, distributed, load_run_checkpoint, load_weights
+from ..errors import CheckpointError, InputError
 from ..models.semantic_fpn import SemanticFPN
 
 
@@ -94,24 +99,22 @@ def sliding_window(model: nn.Module, image: torch.Tensor, window: int) -> torch.
 
 def confusion_matrix(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int,
                      ignore_index: int, window: int = 0, flip: bool = False, progress=None) -> torch.Tensor:
-    """The (num_classes x num_classes) confusion matrix, rows = annotation, columns = prediction, summed
-    over the loader (and over all processes of a distributed run)."""
-    metric = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index, validate_args=False).to(device)
-    was_training = model.training
-    model.eval()
+    """The exact (num_classes x num_classes) confusion matrix, rows = annotation, columns = prediction, summed
+    over the loader and over all processes of a distributed run (ignored pixels left out)."""
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     for images, masks in loader:
         for image, mask in zip(images, masks):
             mask = mask.to(device)
-            probs = predict_probs(model, image[None].to(device), mask.shape[-2:], window, flip)
-            metric.update(probs.argmax(1)[0], mask)
+            prediction = predict_probs(model, image[None].to(device), mask.shape[-2:], window, flip).argmax(1)[0]
+            confusion += multiclass_confusion_matrix(prediction, mask, num_classes, ignore_index=ignore_index,
+                                                     validate_args=False)
             if progress is not None:
                 progress()
-    model.train(was_training)
-    return metric.compute()  # sums the matrices of all processes when torch.distributed is initialised
+    return distributed.all_reduce_sum(confusion).round().long()
 
 
 def segmentation_metrics(confusion: torch.Tensor) -> Dict[str, Any]:
-    """mIoU, mAcc, aAcc (fractions) and per-class IoU / Acc (NaN for classes that never occur)."""
+    """mIoU, mAcc, aAcc (fractions) and per-class IoU / Acc lists (NaN for a class that occurs nowhere)."""
     confusion = confusion.double()
     true_positives = confusion.diag()
     labelled, predicted = confusion.sum(1), confusion.sum(0)
@@ -126,24 +129,30 @@ class SegmentationTask(Task):
     primary_metric = 'mIoU'
     collate_fn = staticmethod(collate)
 
-    def __init__(self, cfg: SegmentationConfig, data: Optional[SegmentationData] = None):
-        self.cfg = cfg
-        self.data = data
+    def __init__(self, config: SegmentationConfig):
+        self.config = config
+        self._data: Optional[SegmentationData] = None
 
-    def _load_data(self) -> SegmentationData:
-        if self.data is None:
-            self.data = load_data(self.cfg.data, self.cfg.layout, num_classes=self.cfg.num_classes or None)
-        return self.data
+    @property
+    def data(self) -> SegmentationData:
+        """The checked dataset (read on first use; every check runs before anything is trained or written)."""
+        if self._data is None:
+            self._data = load_data(self.config.data, self.config.layout, num_classes=self.config.num_classes or None)
+        return self._data
 
     def build_model(self) -> nn.Module:
-        data = self._load_data()
-        return SemanticFPN(self.cfg.model, data.num_classes, pretrained=self.cfg.pretrained, norm=self.cfg.norm,
-                           drop_path_rate=self.cfg.drop_path_rate)
+        cfg = self.config
+        model = SemanticFPN(cfg.model, self.data.num_classes, pretrained=cfg.pretrained, norm=cfg.norm,
+                            drop_path_rate=cfg.drop_path_rate)
+        if cfg.norm == 'bn' and distributed.is_distributed() and torch.distributed.get_backend() == 'nccl':
+            # batch statistics over the global batch, as mmsegmentation's SyncBN (CUDA only)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model
 
     def build_datasets(self):
-        cfg, data = self.cfg, self._load_data()
+        cfg, data = self.config, self.data
         mean, std = normalization(cfg.model)
-        train_split, val_split = list(data.samples)
+        train_split, val_split = get_layout(cfg.layout).splits
         train = SegmentationDataset(
             data.samples[train_split],
             train_transform(cfg.crop_size, cfg.short_side, mean, std, tuple(cfg.ratio_range), cfg.cat_max_ratio,
@@ -161,12 +170,109 @@ class SegmentationTask(Task):
         return loss, {}
 
     def evaluate(self, model, loader, device):
+        cfg = self.config
         confusion = confusion_matrix(model, loader, device, self.data.num_classes, self.data.ignore_index,
-                                     self.cfg.crop_size if self.cfg.slide else 0, self.cfg.flip)
+                                     cfg.crop_size if cfg.slide else 0, cfg.flip)
         metrics = segmentation_metrics(confusion)
         return {key: metrics[key] for key in ('mIoU', 'mAcc', 'aAcc')}
 
     def state(self) -> Dict[str, Any]:
-        data = self._load_data()
-        return dict(config=asdict(self.cfg), class_names=data.class_names, ignore_index=data.ignore_index,
-                    palette=[list(c) for c in data.palette])
+        return dict(config=asdict(self.config), class_names=self.data.class_names,
+                    ignore_index=self.data.ignore_index, palette=[list(c) for c in self.data.palette])
+
+
+def load_model(checkpoint, device: torch.device) -> Tuple[SemanticFPN, Dict[str, Any]]:
+    """A trained model (in eval mode, on ``device``) and its task state, from a run directory (its best
+    checkpoint) or a checkpoint file written by ``hatnet seg train``."""
+    run = load_run_checkpoint(checkpoint, task=SegmentationTask.name)
+    if run.task != SegmentationTask.name:
+        raise CheckpointError(f'{run.path} holds bare weights, not a segmentation run; give a run directory of '
+                              f'`hatnet seg train` or one of its checkpoints')
+    state = run.task_state
+    model = SemanticFPN(state['config']['model'], len(state['class_names']), norm=state['config']['norm'])
+    load_weights(model, run.state_dict, source=str(run.path))
+    return model.to(device).eval(), state
+
+
+def evaluate_checkpoint(
+        checkpoint,
+        data_dir,
+        layout: Optional[str] = None,
+        split: Optional[str] = None,
+        short_side: Optional[int] = None,
+        slide: bool = False,
+        window: Optional[int] = None,
+        flip: bool = False,
+        device: str = 'auto',
+        workers: int = 2,
+        progress: bool = True,
+) -> Dict[str, Any]:
+    """Evaluate a trained model on one split of a dataset; the layout, test scale and classes default to the
+    run's, the sliding window to the run's crop size. Returns mIoU / mAcc / aAcc and per-class IoU / Acc."""
+    from tqdm import tqdm
+    device = distributed.resolve_device(device)
+    model, state = load_model(checkpoint, device)
+    cfg = state['config']
+    window = (window or cfg['crop_size']) if slide else 0
+    layout = layout or cfg['layout']
+    split = split or get_layout(layout).splits[1]
+    short_side = short_side or cfg['short_side']
+    data = load_data(data_dir, layout, splits=[split], num_classes=len(state['class_names']))
+    mean, std = normalization(cfg['model'])
+    dataset = SegmentationDataset(data.samples[split], eval_transform(short_side, mean, std), data.ignore_index,
+                                  data.reduce_zero_label, joint=False)
+    loader = DataLoader(dataset, batch_size=1, num_workers=workers, collate_fn=collate)
+    with tqdm(total=len(dataset), desc=f'evaluating {split}', unit='img', disable=not progress) as bar:
+        confusion = confusion_matrix(model, loader, device, data.num_classes, data.ignore_index, window, flip,
+                                     progress=lambda: bar.update(1))
+    metrics = segmentation_metrics(confusion)
+    return dict(metrics, class_names=state['class_names'], split=split, images=len(dataset),
+                short_side=short_side, window=window, flip=flip)
+
+
+def predict_images(
+        checkpoint,
+        images: Sequence,
+        out_dir,
+        short_side: Optional[int] = None,
+        slide: bool = False,
+        window: Optional[int] = None,
+        flip: bool = False,
+        alpha: float = 0.5,
+        device: str = 'auto',
+) -> List[Dict[str, Any]]:
+    """Segment image files; for each write ``<stem>_mask.png`` (class indices as a colour-palette PNG) and
+    ``<stem>_overlay.png`` (the colours blended over the image), both at the image's size."""
+    from PIL import Image
+    images = [Path(p) for p in images]
+    stems = [p.stem for p in images]
+    duplicate = next((s for s in stems if stems.count(s) > 1), None)
+    if duplicate is not None:
+        raise InputError(f'two input images have the stem {duplicate!r}; their outputs would overwrite each other')
+    for path in images:  # every input is checked before anything is written
+        if not path.is_file():
+            raise InputError(f'image not found: {path}')
+    device = distributed.resolve_device(device)
+    model, state = load_model(checkpoint, device)
+    cfg = state['config']
+    window = (window or cfg['crop_size']) if slide else 0
+    transform = eval_transform(short_side or cfg['short_side'], *normalization(cfg['model']))
+    palette = [tuple(c) for c in state['palette']]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for path in images:
+        pixels = load_image(path)
+        probs = predict_probs(model, transform(pixels)[None].to(device), pixels.shape[-2:], window, flip)
+        mask = probs.argmax(1)[0].cpu().numpy()
+        coloured = colorize(mask, palette)
+        overlay = Image.blend(Image.fromarray(pixels.permute(1, 2, 0).numpy()), coloured.convert('RGB'), alpha)
+        files = {}
+        for kind, picture in (('mask', coloured), ('overlay', overlay)):
+            files[kind] = out_dir / f'{path.stem}_{kind}.png'
+            _atomic_write(files[kind], lambda tmp: picture.save(tmp, format='PNG'))
+        counts = np.bincount(mask.ravel(), minlength=len(state['class_names']))
+        shares = {state['class_names'][i]: counts[i] / mask.size for i in np.argsort(-counts)[:3] if counts[i]}
+        results.append(dict(image=str(path), size=list(mask.shape[::-1]), **{k: str(v) for k, v in files.items()},
+                            classes=shares))
+    return results
