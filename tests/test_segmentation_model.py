@@ -81,7 +81,8 @@ def test_backbone_from_our_safetensors_and_timm_checkpoints(tmp_path):
     model = SemanticFPN('hat_net_tiny', num_classes=4, pretrained=tmp_path / 'tiny.safetensors').eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(model.backbone(x)[-1], classifier.forward_intermediates(x, intermediates_only=True)[-1])
+        expected = classifier.forward_intermediates(x, intermediates_only=True)
+        torch.testing.assert_close(model.backbone(x)[-1], expected[-1])
 
     resnet = timm.create_model('resnet10t', num_classes=10)  # a fine-tuned classifier: its head is not used
     torch.save(resnet.state_dict(), tmp_path / 'resnet10t.pth')

@@ -56,8 +56,8 @@ def train(
                    crop_size=crop_size, short_side=short_side, pretrained=pretrained, num_classes=num_classes, lr=lr,
                    workers=workers, eval_every=eval_every, amp=amp, seed=seed, device=device,
                    resume=resume or None, overwrite=overwrite or None)
-    train_cfg, task_cfg = resolve_config(SegmentationConfig, options, recipe=recipe or (None if resume else PAPER_RECIPE),
-                                         aliases={'paper': PAPER_RECIPE})
+    recipe = recipe or (None if resume else PAPER_RECIPE)  # a resumed run reads its own config.yaml
+    train_cfg, task_cfg = resolve_config(SegmentationConfig, options, recipe=recipe, aliases={'paper': PAPER_RECIPE})
     if not task_cfg.data:
         raise HatNetError('no dataset given: pass --data DIR')
     task = SegmentationTask(task_cfg)
@@ -118,11 +118,13 @@ def evaluate(
         device: str = typer.Option('auto', help='auto | cpu | cuda | cuda:N.'),
         workers: int = typer.Option(2, help='Data-loading processes.'),
 ):
-    """mIoU, mAcc, aAcc and per-class IoU / Acc of a trained model (single scale, optionally sliding window and flip)."""
+    """mIoU, mAcc, aAcc and per-class IoU / Acc of a trained model (single scale; optionally sliding window, flip)."""
     from ..tasks.segmentation import evaluate_checkpoint
-    result = evaluate_checkpoint(checkpoint, data, layout=layout, split=split, short_side=short_side, slide=slide,
-                                 window=window, flip=flip, device=device, workers=workers, progress=not json_out)
-    csv_path = csv_path or (checkpoint if checkpoint.is_dir() else checkpoint.parent) / f'seg_eval_{result["split"]}.csv'
+    result = evaluate_checkpoint(checkpoint, data, layout=layout, split=split, flip=flip, workers=workers,
+                                 progress=not json_out, device=device, short_side=short_side, slide=slide,
+                                 window=window)
+    run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    csv_path = csv_path or run_dir / f'seg_eval_{result["split"]}.csv'
     _write_csv(csv_path, result)
     summary = {key: _fraction(result[key]) for key in ('mIoU', 'mAcc', 'aAcc')}
     if json_out:
@@ -162,8 +164,8 @@ def predict(
 ):
     """Segment images: <stem>_mask.png (class indices as a colour-palette PNG) and <stem>_overlay.png per image."""
     from ..tasks.segmentation import predict_images
-    results = predict_images(checkpoint, images, out, short_side=short_side, slide=slide, window=window, flip=flip,
-                             alpha=alpha, device=device)
+    results = predict_images(checkpoint, images, out, flip=flip, alpha=alpha, device=device, short_side=short_side,
+                             slide=slide, window=window)
     if json_out:
         print(json.dumps(results))
         return

@@ -38,9 +38,9 @@ from torchvision.transforms import v2
 from ..errors import DatasetError
 
 __all__ = [
-    'ADE20K_CLASSES', 'LAYOUTS', 'SHAPE_CLASSES', 'SegmentationData', 'SegmentationDataset', 'PhotoMetricDistortion',
-    'RandomCropCatMaxRatio', 'colorize', 'eval_transform', 'find_samples', 'get_layout', 'load_data', 'load_image',
-    'make_palette', 'train_transform', 'write_shapes_dataset',
+    'ADE20K_CLASSES', 'LAYOUTS', 'SHAPE_CLASSES', 'PhotoMetricDistortion', 'RandomCropCatMaxRatio',
+    'SegmentationData', 'SegmentationDataset', 'colorize', 'eval_transform', 'find_samples', 'get_layout',
+    'image_size', 'load_data', 'load_image', 'make_palette', 'train_transform', 'write_shapes_dataset',
 ]
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
@@ -102,7 +102,8 @@ def _files(folder: Path, extensions: Sequence[str]) -> Dict[str, Path]:
     for path in sorted(folder.iterdir()):
         if path.is_file() and path.suffix.lower() in extensions and not path.name.startswith('.'):
             if path.stem in files:
-                raise DatasetError(f'two files with the stem {path.stem!r} in {folder}: {files[path.stem].name}, {path.name}')
+                raise DatasetError(f'two files with the stem {path.stem!r} in {folder}: '
+                                   f'{files[path.stem].name}, {path.name}')
             files[path.stem] = path
     return files
 
@@ -139,6 +140,12 @@ def _open(path: Path, what: str) -> Image.Image:
         raise DatasetError(f'cannot read {what} {path} ({e})') from None
 
 
+def image_size(path) -> Tuple[int, int]:
+    """(width, height) of an image file, from its header."""
+    with _open(Path(path), 'image') as img:
+        return img.size
+
+
 def _read_mask(path: Path) -> np.ndarray:
     with _open(path, 'mask') as mask:
         if mask.mode not in MASK_MODES:
@@ -159,12 +166,13 @@ def map_labels(values, ignore_index: int, reduce_zero_label: bool):
 
 def _check_pair(image: Path, mask: Path, ignore_index: int, reduce_zero_label: bool) -> int:
     """Check that ``mask`` fits ``image``; return its largest class index (-1 if it has none)."""
-    with _open(image, 'image') as img:
-        image_size = img.size                      # the header only: cheap
+    width, height = image_size(image)
     labels = _read_mask(mask)
-    if labels.shape[::-1] != image_size:
+    if labels.shape != (height, width):
         raise DatasetError(f'mask {mask} is {labels.shape[1]}x{labels.shape[0]} but its image {image} is '
-                           f'{image_size[0]}x{image_size[1]} (width x height)')
+                           f'{width}x{height} (width x height)')
+    if labels.dtype.kind == 'i' and labels.min() < 0:
+        raise DatasetError(f'mask {mask} contains negative values; masks hold class indices')
     present = map_labels(np.flatnonzero(np.bincount(labels.ravel())), ignore_index, reduce_zero_label)
     present = present[present != ignore_index]
     return int(present.max()) if present.size else -1
@@ -188,7 +196,8 @@ def _read_class_file(root: Path) -> Tuple[Optional[List[str]], Optional[int], Op
     ignore_index, palette = spec.get('ignore_index'), spec.get('palette')
     if ignore_index is not None and (not isinstance(ignore_index, int) or 0 <= ignore_index < len(names)):
         raise DatasetError(f'{path}: ignore_index must be an integer outside 0..{len(names) - 1}, got {ignore_index!r}')
-    if palette is not None and (len(palette) < len(names) or any(len(c) != 3 for c in palette)):
+    if palette is not None and not (isinstance(palette, list) and len(palette) >= len(names) and all(
+            isinstance(c, list) and len(c) == 3 and all(isinstance(v, int) for v in c) for c in palette)):
         raise DatasetError(f'{path}: palette must give one [r, g, b] colour per class')
     return [str(n) for n in names], ignore_index, [tuple(int(v) for v in c) for c in palette or []] or None
 

@@ -37,6 +37,15 @@ __all__ = ['SemanticFPN', 'create_backbone']
 FPN_STRIDES = (4, 8, 16, 32)
 
 
+def _create(name: str, **kwargs) -> nn.Module:
+    try:
+        return timm.create_model(name, **kwargs)
+    except TypeError as e:  # e.g. VGG has no stochastic depth
+        if 'drop_path_rate' not in str(e):
+            raise
+        raise HatNetError(f'backbone {name} has no drop_path_rate setting; set drop_path_rate to null') from None
+
+
 def create_backbone(
         name: str,
         pretrained: Optional[Union[str, Path]] = None,
@@ -54,7 +63,7 @@ def create_backbone(
     if drop_path_rate is not None:
         kwargs['drop_path_rate'] = drop_path_rate
     if not pretrained:
-        return timm.create_model(name, **kwargs)
+        return _create(name, **kwargs)
     state_dict = read_state_dict(pretrained)
     overlay = dict(file=str(pretrained), state_dict=state_dict)
     if timm.models.get_pretrained_cfg_value(name, 'architecture') not in HAT_NET_VARIANTS:
@@ -65,7 +74,7 @@ def create_backbone(
         overlay.update(state_dict={k: v for k, v in state_dict.items() if not k.startswith(prefixes)}, num_classes=0)
         kwargs['num_classes'] = 0
     try:
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        return _create(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except RuntimeError as e:  # HAT-Net checks the fit itself and raises CheckpointError
         details = re.sub(r'^Error\(s\) in loading state_dict for \w+: ', '', ' '.join(str(e).split()))
         raise CheckpointError(f'{pretrained} does not fit {name}: {details[:300]}') from None
@@ -143,10 +152,10 @@ class SemanticFPN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.backbone(x)
         pyramid = self.fpn(OrderedDict((str(s), features[i]) for s, i in zip(FPN_STRIDES, self.feature_indices)))
-        out = None
-        for head, level in zip(self.scale_heads, pyramid.values()):
-            y = head(level)
+        levels = [head(level) for head, level in zip(self.scale_heads, pyramid.values())]
+        out = levels[0]
+        for y in levels[1:]:
             # odd input sizes make the upsampled levels differ by a pixel from the stride-4 map
-            out = y if out is None else out + F.interpolate(y, size=out.shape[-2:], mode='bilinear', align_corners=False)
+            out = out + F.interpolate(y, size=out.shape[-2:], mode='bilinear', align_corners=False)
         logits = self.classifier(self.dropout(out))
         return F.interpolate(logits, size=x.shape[-2:], mode='bilinear', align_corners=False)

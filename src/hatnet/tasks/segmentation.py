@@ -27,8 +27,8 @@ from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from ..checkpoint_io import _atomic_write
 from ..data.segmentation import (
-    SegmentationData, SegmentationDataset, collate, colorize, eval_transform, get_layout, load_data, load_image,
-    train_transform)
+    SegmentationData, SegmentationDataset, collate, colorize, eval_transform, get_layout, image_size, load_data,
+    load_image, train_transform)
 from ..engine import Task, distributed, load_run_checkpoint, load_weights
 from ..errors import CheckpointError, InputError
 from ..models.semantic_fpn import SemanticFPN
@@ -47,7 +47,7 @@ class SegmentationConfig:
     ratio_range: List[float] = field(default_factory=lambda: [0.5, 2.0])
     cat_max_ratio: float = 0.75         # crop rule: no single class covers more of a crop (1 = off)
     norm: str = 'gn'                    # scale-head norm: gn | bn
-    drop_path_rate: float = 0.1
+    drop_path_rate: Optional[float] = 0.1  # backbone stochastic depth (null: the backbone's default)
     slide: bool = False                 # sliding-window evaluation (windows of crop_size, stride 2/3 of it)
     flip: bool = False                  # average with the horizontally flipped image at evaluation
 
@@ -171,6 +171,11 @@ class SegmentationTask(Task):
 
     def evaluate(self, model, loader, device):
         cfg = self.config
+        if distributed.is_distributed():
+            # DDP sends rank 0's buffers (BatchNorm statistics) to the other ranks only at the next training
+            # forward: without this, each rank would evaluate its shard with slightly different statistics
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
         confusion = confusion_matrix(model, loader, device, self.data.num_classes, self.data.ignore_index,
                                      cfg.crop_size if cfg.slide else 0, cfg.flip)
         metrics = segmentation_metrics(confusion)
@@ -181,17 +186,35 @@ class SegmentationTask(Task):
                     ignore_index=self.data.ignore_index, palette=[list(c) for c in self.data.palette])
 
 
-def load_model(checkpoint, device: torch.device) -> Tuple[SemanticFPN, Dict[str, Any]]:
-    """A trained model (in eval mode, on ``device``) and its task state, from a run directory (its best
-    checkpoint) or a checkpoint file written by ``hatnet seg train``."""
-    run = load_run_checkpoint(checkpoint, task=SegmentationTask.name)
-    if run.task != SegmentationTask.name:
-        raise CheckpointError(f'{run.path} holds bare weights, not a segmentation run; give a run directory of '
-                              f'`hatnet seg train` or one of its checkpoints')
-    state = run.task_state
-    model = SemanticFPN(state['config']['model'], len(state['class_names']), norm=state['config']['norm'])
-    load_weights(model, run.state_dict, source=str(run.path))
-    return model.to(device).eval(), state
+@dataclass
+class TrainedModel:
+    """A trained model (eval mode, on its device) with the run's facts and the test-time settings."""
+    model: SemanticFPN
+    state: Dict[str, Any]   # the run's task state: config, class_names, ignore_index, palette
+    device: torch.device
+    short_side: int         # test scale
+    window: int             # sliding-window side, 0 for whole-image inference
+
+    @classmethod
+    def load(cls, checkpoint, device: str = 'auto', short_side: Optional[int] = None, slide: bool = False,
+             window: Optional[int] = None) -> 'TrainedModel':
+        """From a run directory (its best checkpoint) or a checkpoint file written by ``hatnet seg train``; the
+        test scale defaults to the run's, the sliding window to its crop size."""
+        run = load_run_checkpoint(checkpoint, task=SegmentationTask.name)
+        if run.task != SegmentationTask.name:
+            raise CheckpointError(f'{run.path} holds bare weights, not a segmentation run; give a run directory of '
+                                  f'`hatnet seg train` or one of its checkpoints')
+        state = run.task_state
+        cfg = state['config']
+        model = SemanticFPN(cfg['model'], len(state['class_names']), norm=cfg['norm'])
+        load_weights(model, run.state_dict, source=str(run.path))
+        device = distributed.resolve_device(device)
+        return cls(model.to(device).eval(), state, device, short_side or cfg['short_side'],
+                   (window or cfg['crop_size']) if slide else 0)
+
+    @property
+    def transform(self):
+        return eval_transform(self.short_side, *normalization(self.state['config']['model']))
 
 
 def evaluate_checkpoint(
@@ -199,50 +222,39 @@ def evaluate_checkpoint(
         data_dir,
         layout: Optional[str] = None,
         split: Optional[str] = None,
-        short_side: Optional[int] = None,
-        slide: bool = False,
-        window: Optional[int] = None,
         flip: bool = False,
-        device: str = 'auto',
         workers: int = 2,
         progress: bool = True,
+        **load_options,
 ) -> Dict[str, Any]:
-    """Evaluate a trained model on one split of a dataset; the layout, test scale and classes default to the
-    run's, the sliding window to the run's crop size. Returns mIoU / mAcc / aAcc and per-class IoU / Acc."""
+    """Evaluate a trained model on one split of a dataset (layout and classes: the run's by default).
+    ``load_options`` go to :meth:`TrainedModel.load`. Returns mIoU / mAcc / aAcc and per-class IoU / Acc."""
     from tqdm import tqdm
-    device = distributed.resolve_device(device)
-    model, state = load_model(checkpoint, device)
-    cfg = state['config']
-    window = (window or cfg['crop_size']) if slide else 0
-    layout = layout or cfg['layout']
+    trained = TrainedModel.load(checkpoint, **load_options)
+    layout = layout or trained.state['config']['layout']
     split = split or get_layout(layout).splits[1]
-    short_side = short_side or cfg['short_side']
-    data = load_data(data_dir, layout, splits=[split], num_classes=len(state['class_names']))
-    mean, std = normalization(cfg['model'])
-    dataset = SegmentationDataset(data.samples[split], eval_transform(short_side, mean, std), data.ignore_index,
-                                  data.reduce_zero_label, joint=False)
+    data = load_data(data_dir, layout, splits=[split], num_classes=len(trained.state['class_names']))
+    dataset = SegmentationDataset(data.samples[split], trained.transform, data.ignore_index, data.reduce_zero_label,
+                                  joint=False)
     loader = DataLoader(dataset, batch_size=1, num_workers=workers, collate_fn=collate)
     with tqdm(total=len(dataset), desc=f'evaluating {split}', unit='img', disable=not progress) as bar:
-        confusion = confusion_matrix(model, loader, device, data.num_classes, data.ignore_index, window, flip,
-                                     progress=lambda: bar.update(1))
-    metrics = segmentation_metrics(confusion)
-    return dict(metrics, class_names=state['class_names'], split=split, images=len(dataset),
-                short_side=short_side, window=window, flip=flip)
+        confusion = confusion_matrix(trained.model, loader, trained.device, data.num_classes, data.ignore_index,
+                                     trained.window, flip, progress=lambda: bar.update(1))
+    return dict(segmentation_metrics(confusion), class_names=trained.state['class_names'], split=split,
+                images=len(dataset), short_side=trained.short_side, window=trained.window, flip=flip)
 
 
 def predict_images(
         checkpoint,
         images: Sequence,
         out_dir,
-        short_side: Optional[int] = None,
-        slide: bool = False,
-        window: Optional[int] = None,
         flip: bool = False,
         alpha: float = 0.5,
-        device: str = 'auto',
+        **load_options,
 ) -> List[Dict[str, Any]]:
     """Segment image files; for each write ``<stem>_mask.png`` (class indices as a colour-palette PNG) and
-    ``<stem>_overlay.png`` (the colours blended over the image), both at the image's size."""
+    ``<stem>_overlay.png`` (the colours blended over the image), both at the image's size.
+    ``load_options`` go to :meth:`TrainedModel.load`."""
     from PIL import Image
     images = [Path(p) for p in images]
     stems = [p.stem for p in images]
@@ -250,20 +262,16 @@ def predict_images(
     if duplicate is not None:
         raise InputError(f'two input images have the stem {duplicate!r}; their outputs would overwrite each other')
     for path in images:  # every input is checked before anything is written
-        if not path.is_file():
-            raise InputError(f'image not found: {path}')
-    device = distributed.resolve_device(device)
-    model, state = load_model(checkpoint, device)
-    cfg = state['config']
-    window = (window or cfg['crop_size']) if slide else 0
-    transform = eval_transform(short_side or cfg['short_side'], *normalization(cfg['model']))
-    palette = [tuple(c) for c in state['palette']]
+        image_size(path)
+    trained = TrainedModel.load(checkpoint, **load_options)
+    class_names, palette = trained.state['class_names'], [tuple(c) for c in trained.state['palette']]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for path in images:
         pixels = load_image(path)
-        probs = predict_probs(model, transform(pixels)[None].to(device), pixels.shape[-2:], window, flip)
+        probs = predict_probs(trained.model, trained.transform(pixels)[None].to(trained.device), pixels.shape[-2:],
+                              trained.window, flip)
         mask = probs.argmax(1)[0].cpu().numpy()
         coloured = colorize(mask, palette)
         overlay = Image.blend(Image.fromarray(pixels.permute(1, 2, 0).numpy()), coloured.convert('RGB'), alpha)
@@ -271,8 +279,8 @@ def predict_images(
         for kind, picture in (('mask', coloured), ('overlay', overlay)):
             files[kind] = out_dir / f'{path.stem}_{kind}.png'
             _atomic_write(files[kind], lambda tmp: picture.save(tmp, format='PNG'))
-        counts = np.bincount(mask.ravel(), minlength=len(state['class_names']))
-        shares = {state['class_names'][i]: counts[i] / mask.size for i in np.argsort(-counts)[:3] if counts[i]}
+        counts = np.bincount(mask.ravel(), minlength=len(class_names))
+        shares = {class_names[i]: counts[i] / mask.size for i in np.argsort(-counts)[:3] if counts[i]}
         results.append(dict(image=str(path), size=list(mask.shape[::-1]), **{k: str(v) for k, v in files.items()},
                             classes=shares))
     return results
