@@ -1,1 +1,1 @@
-"""Dataset readers and transforms for the tasks."""
+"""Datasets of each task (``classification``, ...): folders on disk or embedded data -> tensors and targets."""

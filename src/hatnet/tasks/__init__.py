@@ -1,1 +1,1 @@
-"""Tasks for the one trainer: each knows its data, model, loss and metrics."""
+"""Tasks the one trainer (``hatnet.engine``) runs: data, model, loss and metrics of each."""
