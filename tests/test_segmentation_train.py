@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -167,3 +168,28 @@ def test_two_process_training_with_torchrun(shapes, tmp_path):
     assert code == 0, err
     # one process evaluating all images gives what two processes gave together
     assert json.loads(out)['mIoU'] == pytest.approx(run_metrics['val_mIoU'], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_weights(shapes, tmp_path):
+    """kill -9 a training process between checkpoints, resume it: the augmentation and data order continue
+    exactly, so the weights equal those of an uninterrupted run."""
+    (tmp_path / 'recipe.yaml').write_text(yaml.safe_dump(dict(TEST_RECIPE, batch_size=4, threads=1)))
+    args = ['seg', 'train', '--data', shapes, '--model', 'resnet10t', '--recipe', tmp_path / 'recipe.yaml',
+            '--iters', 12, '--eval-every', 12, '--save-every', 2, '--crop-size', 48, '--short-side', 48]
+    assert cli(*args, '--out', tmp_path / 'full')[0] == 0
+    run = tmp_path / 'killed'
+    proc = subprocess.Popen([sys.executable, '-m', 'hatnet', *map(str, args), '--out', str(run)],
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (run / 'last.pth').exists():
+        time.sleep(0.05)
+    assert proc.poll() is None, 'the training process ended before it was killed'
+    proc.kill()
+    proc.wait()
+    assert 0 < torch.load(run / 'last.pth', weights_only=True)['step'] < 12
+    code, _, err = cli('seg', 'train', '--out', run, '--resume')  # the run's own config.yaml
+    assert code == 0, err
+    full, resumed = (torch.load(r / 'last.pth', weights_only=True)['model'] for r in (tmp_path / 'full', run))
+    assert all(torch.equal(full[k], resumed[k]) for k in full)

@@ -17,49 +17,78 @@ PAPER_RECIPE = 'ade20k_semantic_fpn'
 LAYOUT_HELP = ('ade20k: images/ and annotations/{training,validation} (label 0 ignored, classes shifted by one); '
                'folders: images/ and masks/{train,val} with class-index PNGs and an optional classes.yaml')
 SLIDE_HELP = 'Sliding-window inference (windows of the crop size, overlapping by a third).'
+DATA_OPTIONS, MODEL_OPTIONS, RUN_OPTIONS, OPT_OPTIONS = 'data', 'model', 'run', 'optimisation'
 
 
 @seg_app.command()
 def train(
-        data: Optional[str] = typer.Option(None, help='Dataset folder (see --layout).'),
-        layout: Optional[str] = typer.Option(None, help=LAYOUT_HELP + ' (recipe: ade20k)'),
-        model: Optional[str] = typer.Option(None, help='Backbone: a hat_net variant or any timm features_only model '
-                                                       '(e.g. pvt_v2_b1, resnet50). (recipe: hat_net_tiny)'),
-        out: Optional[str] = typer.Option(None, help='Run directory.'),
-        iters: Optional[int] = typer.Option(None, help='Optimiser steps. (recipe: 80000)'),
-        batch_size: Optional[int] = typer.Option(None, help='Images per step and process. (recipe: 16)'),
-        crop_size: Optional[int] = typer.Option(None, help='Training crop side. (recipe: 512)'),
+        data: Optional[str] = typer.Option(None, help='Dataset folder (see --layout).', rich_help_panel=DATA_OPTIONS),
+        layout: Optional[str] = typer.Option(None, help=LAYOUT_HELP + ' (recipe: ade20k)',
+                                             rich_help_panel=DATA_OPTIONS),
+        num_classes: Optional[int] = typer.Option(None, help='(default: read from the data)',
+                                                  rich_help_panel=DATA_OPTIONS),
+        crop_size: Optional[int] = typer.Option(None, help='Training crop side. (recipe: 512)',
+                                                rich_help_panel=DATA_OPTIONS),
         short_side: Optional[int] = typer.Option(None, help='Test scale; training scales are short_side x 0.5..2. '
-                                                            '(recipe: 512)'),
+                                                            '(recipe: 512)', rich_help_panel=DATA_OPTIONS),
+        model: Optional[str] = typer.Option(None, help='Backbone: a hat_net variant or any timm features_only model '
+                                                       '(e.g. pvt_v2_b1, resnet50). (recipe: hat_net_tiny)',
+                                            rich_help_panel=MODEL_OPTIONS),
         pretrained: Optional[str] = typer.Option(None, help='ImageNet checkpoint of the backbone (original HAT-Net '
-                                                            '.pth, hatnet .safetensors or a timm checkpoint).'),
-        recipe: Optional[str] = typer.Option(None, help=f'Recipe YAML file or bundled name. (default: {PAPER_RECIPE})'),
-        num_classes: Optional[int] = typer.Option(None, help='Number of classes. (default: read from the data)'),
-        lr: Optional[float] = typer.Option(None, help='Learning rate at the recipe batch size (scaled with the '
-                                                      'global batch). (recipe: 1e-4 at 16)'),
-        workers: Optional[int] = typer.Option(None, help='Data-loading processes per training process.'),
-        eval_every: Optional[int] = typer.Option(None, help='Steps between evaluations. (recipe: 8000)'),
-        amp: Optional[str] = typer.Option(None, help='none | bf16 (CPU and CUDA) | fp16 (CUDA).'),
-        seed: Optional[int] = typer.Option(None, help='Random seed.'),
-        device: Optional[str] = typer.Option(None, help='auto | cpu | cuda | cuda:N.'),
-        resume: bool = typer.Option(False, help='Continue the run in --out from its last checkpoint.'),
-        overwrite: bool = typer.Option(False, help='Replace an existing run in --out.'),
+                                                            '.pth, hatnet .safetensors / run checkpoint, or a timm '
+                                                            'checkpoint).', rich_help_panel=MODEL_OPTIONS),
+        norm: Optional[str] = typer.Option(None, help='Scale-head norm: bn | gn. (recipe: bn)',
+                                           rich_help_panel=MODEL_OPTIONS),
+        drop_path: Optional[float] = typer.Option(None, help='Backbone stochastic depth. (recipe: 0.1)',
+                                                  rich_help_panel=MODEL_OPTIONS),
+        out: Optional[str] = typer.Option(None, help='Run directory. (default: runs/seg-MODEL-DATA)',
+                                          rich_help_panel=RUN_OPTIONS),
+        recipe: Optional[str] = typer.Option(None, help=f"'paper' ({PAPER_RECIPE}, the default), another bundled "
+                                                        f"recipe or a YAML file; options given here override it.",
+                                             rich_help_panel=RUN_OPTIONS),
+        resume: bool = typer.Option(False, '--resume', help='Continue the run in --out (its config.yaml) from its '
+                                                            'last checkpoint.', rich_help_panel=RUN_OPTIONS),
+        overwrite: bool = typer.Option(False, '--overwrite', help='Replace an existing run directory.',
+                                       rich_help_panel=RUN_OPTIONS),
+        iters: Optional[int] = typer.Option(None, help='Optimiser steps. (recipe: 80000)', rich_help_panel=RUN_OPTIONS),
+        batch_size: Optional[int] = typer.Option(None, help='Per process. (recipe: 16)', rich_help_panel=RUN_OPTIONS),
+        eval_every: Optional[int] = typer.Option(None, help='Steps between evaluations. (recipe: 8000)',
+                                                 rich_help_panel=RUN_OPTIONS),
+        save_every: Optional[int] = typer.Option(None, help='Steps between checkpoints. (recipe: 8000)',
+                                                 rich_help_panel=RUN_OPTIONS),
+        workers: Optional[int] = typer.Option(None, help='Data-loading processes per training process.',
+                                              rich_help_panel=RUN_OPTIONS),
+        threads: Optional[int] = typer.Option(None, help='Intra-op CPU threads per process.',
+                                              rich_help_panel=RUN_OPTIONS),
+        device: Optional[str] = typer.Option(None, help='auto | cpu | cuda.', rich_help_panel=RUN_OPTIONS),
+        lr: Optional[float] = typer.Option(None, help='For a global batch of lr_base_size. (recipe: 1e-4 at 16)',
+                                           rich_help_panel=OPT_OPTIONS),
+        lr_base_size: Optional[int] = typer.Option(None, help='Scale lr by global batch / this (0: do not scale).',
+                                                   rich_help_panel=OPT_OPTIONS),
+        weight_decay: Optional[float] = typer.Option(None, help='(recipe: 1e-4)', rich_help_panel=OPT_OPTIONS),
+        warmup_iters: Optional[int] = typer.Option(None, help='(recipe: 0)', rich_help_panel=OPT_OPTIONS),
+        clip_grad: Optional[float] = typer.Option(None, help='Gradient-norm clipping.', rich_help_panel=OPT_OPTIONS),
+        accum_steps: Optional[int] = typer.Option(None, help='Gradient accumulation.', rich_help_panel=OPT_OPTIONS),
+        amp: Optional[str] = typer.Option(None, help='none | bf16 | fp16 (CUDA).', rich_help_panel=OPT_OPTIONS),
+        seed: Optional[int] = typer.Option(None, rich_help_panel=OPT_OPTIONS),
 ):
-    """Train Semantic FPN (the paper's ADE20K recipe by default; any option overrides it).
+    """Train Semantic FPN: the paper's ADE20K recipe unless --recipe says otherwise; options override it.
 
-    Multi-GPU / multi-node: torchrun --nproc_per_node N -m hatnet seg train ... (--batch-size is per process).
+    The one trainer: resumable, distributed with torchrun (--batch-size is per process), see docs/training.md.
     """
+    options = dict(locals())
     from ..engine import resolve_config
     from ..engine import train as run_training
     from ..tasks.segmentation import SegmentationConfig, SegmentationTask
-    options = dict(data=data, layout=layout, model=model, out=out, iters=iters, batch_size=batch_size,
-                   crop_size=crop_size, short_side=short_side, pretrained=pretrained, num_classes=num_classes, lr=lr,
-                   workers=workers, eval_every=eval_every, amp=amp, seed=seed, device=device,
-                   resume=resume or None, overwrite=overwrite or None)
-    recipe = recipe or (None if resume else PAPER_RECIPE)  # a resumed run reads its own config.yaml
+
+    recipe = options.pop('recipe') or (None if resume else PAPER_RECIPE)  # a resumed run reads its config.yaml
+    options['drop_path_rate'] = options.pop('drop_path')
+    options.update(resume=resume or None, overwrite=overwrite or None)
     train_cfg, task_cfg = resolve_config(SegmentationConfig, options, recipe=recipe, aliases={'paper': PAPER_RECIPE})
     if not task_cfg.data:
         raise HatNetError('no dataset given: pass --data DIR')
+    if not train_cfg.out:
+        train_cfg.out = str(Path('runs') / f'seg-{task_cfg.model}-{Path(task_cfg.data).name}')
     task = SegmentationTask(task_cfg)
     task.data  # every dataset check runs before the run directory is touched
     run_training(task, train_cfg)

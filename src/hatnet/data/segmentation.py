@@ -234,6 +234,8 @@ def load_data(
     spec = get_layout(layout)
     if not root.is_dir():
         raise DatasetError(f'dataset folder not found: {root}')
+    if num_classes is not None and num_classes < 1:
+        raise DatasetError(f'the number of classes must be at least 1, got {num_classes}')
     names, ignore_index, palette = _read_class_file(root) if layout == 'folders' else (None, None, None)
     ignore_index = 255 if ignore_index is None else ignore_index
     samples = {split: find_samples(root, layout, split) for split in (splits or spec.splits)}
@@ -245,7 +247,7 @@ def load_data(
     if names is not None and num_classes is not None and num_classes != len(names):
         raise DatasetError(f'the class file lists {len(names)} classes but {num_classes} were asked for')
     num_classes = num_classes or (len(names) if names else max(max_labels) + 1)
-    if num_classes < 1:
+    if num_classes < 1:  # every mask is unlabelled
         raise DatasetError(f'no labelled pixels in any mask below {root}')
     for (_, mask), max_label in zip(pairs, max_labels):
         if max_label >= num_classes:
