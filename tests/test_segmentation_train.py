@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 import yaml
 from PIL import Image
@@ -19,6 +20,7 @@ from PIL import Image
 from hatnet.cli import main
 from hatnet.data.segmentation import SHAPE_CLASSES, write_shapes_dataset
 from hatnet.engine import load_run_checkpoint
+from hatnet.tasks.segmentation import SegmentationConfig, SegmentationTask
 from test_segmentation_model import one_thread  # noqa: F401  (autouse fixture)
 
 # all-background prediction on these sets scores mIoU ~0.21 (background IoU ~0.85, the shapes 0)
@@ -113,6 +115,9 @@ def test_bad_dataset_is_one_line_and_no_run_directory(shapes, tmp_path):
                          '--out', tmp_path / 'run', '--iters', 2, '--batch-size', 2)
     assert code == 2 and str(mask) in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / 'run').exists()
+    code, out, err = cli('seg', 'train', '--data', shapes, '--layout', 'folders', '--model', 'resnet10t',
+                         '--out', tmp_path / 'run', '--pretrained', tmp_path / 'missing.pth')
+    assert code == 2 and 'missing.pth' in err and not (tmp_path / 'run').exists()
 
 
 def test_eval_and_predict_reject_bad_input(trained, shapes, tmp_path):
@@ -132,6 +137,17 @@ def test_eval_and_predict_reject_bad_input(trained, shapes, tmp_path):
 
     code, _, err = cli('seg', 'predict', tmp_path / 'missing.jpg', '--checkpoint', trained, '--out', tmp_path / 'p')
     assert code == 2 and 'missing.jpg' in err and not (tmp_path / 'p').exists()
+
+
+def test_pretrained_run_directory_means_its_best_checkpoint(shapes, tmp_path):
+    classifier = timm.create_model('resnet10t', num_classes=7)
+    (tmp_path / 'cls').mkdir()
+    torch.save({'format': 'hatnet-run', 'task': 'classification', 'model': classifier.state_dict()},
+               tmp_path / 'cls' / 'best.pth')
+    task = SegmentationTask(SegmentationConfig(data=str(shapes), layout='folders', model='resnet10t',
+                                               pretrained=str(tmp_path / 'cls')))
+    assert task.pretrained_file() == tmp_path / 'cls' / 'best.pth'
+    torch.testing.assert_close(task.build_model().backbone.conv1[0].weight, classifier.conv1[0].weight)
 
 
 def test_shapes_command_writes_an_ade20k_style_set(tmp_path):

@@ -34,9 +34,9 @@ def train(
         model: Optional[str] = typer.Option(None, help='Backbone: a hat_net variant or any timm features_only model '
                                                        '(e.g. pvt_v2_b1, resnet50). (recipe: hat_net_tiny)',
                                             rich_help_panel=MODEL_OPTIONS),
-        pretrained: Optional[str] = typer.Option(None, help='ImageNet checkpoint of the backbone (original HAT-Net '
-                                                            '.pth, hatnet .safetensors / run checkpoint, or a timm '
-                                                            'checkpoint).', rich_help_panel=MODEL_OPTIONS),
+        pretrained: Optional[str] = typer.Option(None, help='ImageNet checkpoint of the backbone: original HAT-Net '
+                                                            '.pth, hatnet .safetensors, classification run (directory '
+                                                            'or file), or a timm checkpoint.', rich_help_panel=MODEL_OPTIONS),
         norm: Optional[str] = typer.Option(None, help='Scale-head norm: bn | gn. (recipe: bn)',
                                            rich_help_panel=MODEL_OPTIONS),
         drop_path: Optional[float] = typer.Option(None, help='Backbone stochastic depth. (recipe: 0.1)',
@@ -90,7 +90,7 @@ def train(
     if not train_cfg.out:
         train_cfg.out = str(Path('runs') / f'seg-{task_cfg.model}-{Path(task_cfg.data).name}')
     task = SegmentationTask(task_cfg)
-    task.data  # every dataset check runs before the run directory is touched
+    task.check_inputs()  # before the run directory is touched
     run_training(task, train_cfg)
 
 

@@ -30,6 +30,7 @@ from ..data.segmentation import (
     SegmentationData, SegmentationDataset, collate, colorize, eval_transform, get_layout, image_size, load_data,
     load_image, train_transform)
 from ..engine import Task, distributed, load_run_checkpoint, load_weights
+from ..engine.checkpoint import BEST
 from ..errors import CheckpointError, InputError
 from ..models.semantic_fpn import SemanticFPN
 
@@ -140,9 +141,24 @@ class SegmentationTask(Task):
             self._data = load_data(self.config.data, self.config.layout, num_classes=self.config.num_classes or None)
         return self._data
 
+    def pretrained_file(self) -> Optional[Path]:
+        """The backbone's ImageNet checkpoint file (a run directory means its best checkpoint)."""
+        if not self.config.pretrained:
+            return None
+        path = Path(self.config.pretrained)
+        path = path / BEST if path.is_dir() else path
+        if not path.is_file():
+            raise CheckpointError(f'pretrained checkpoint not found: {path}')
+        return path
+
+    def check_inputs(self) -> Tuple[SegmentationData, Optional[Path]]:
+        """The checked dataset and pretrained file: every check of user input that can run before the trainer
+        creates the run directory."""
+        return self.data, self.pretrained_file()
+
     def build_model(self) -> nn.Module:
         cfg = self.config
-        model = SemanticFPN(cfg.model, self.data.num_classes, pretrained=cfg.pretrained, norm=cfg.norm,
+        model = SemanticFPN(cfg.model, self.data.num_classes, pretrained=self.pretrained_file(), norm=cfg.norm,
                             drop_path_rate=cfg.drop_path_rate)
         if cfg.norm == 'bn' and distributed.is_distributed() and torch.distributed.get_backend() == 'nccl':
             # batch statistics over the global batch, as mmsegmentation's SyncBN (CUDA only)
