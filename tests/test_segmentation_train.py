@@ -173,12 +173,14 @@ def test_hat_net_tiny_learns_the_shapes(tmp_path):
 @pytest.mark.slow
 def test_two_process_training_with_torchrun(shapes, tmp_path):
     """DDP over gloo: both processes train, the confusion matrices are summed across them."""
-    (tmp_path / 'recipe.yaml').write_text(yaml.safe_dump(dict(TEST_RECIPE, batch_size=4)))
+    # in-process data loading: a DataLoader worker forked next to gloo's threads once hung in CPython's
+    # after-fork handling (Python 3.11)
+    (tmp_path / 'recipe.yaml').write_text(yaml.safe_dump(dict(TEST_RECIPE, batch_size=4, workers=0, eval_every=10)))
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join(sys.path))
     subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
                     '-m', 'hatnet', 'seg', 'train', '--data', str(shapes), '--model', 'resnet10t',
                     '--out', str(tmp_path / 'run'), '--recipe', str(tmp_path / 'recipe.yaml'), '--iters', '20',
-                    '--crop-size', '48', '--short-side', '48'], check=True, env=env, capture_output=True)
+                    '--crop-size', '48', '--short-side', '48'], check=True, env=env, capture_output=True, timeout=600)
     run_metrics = load_run_checkpoint(tmp_path / 'run').metrics
     code, out, err = cli('seg', 'eval', '--data', shapes, '--checkpoint', tmp_path / 'run', '--json')
     assert code == 0, err
