@@ -20,7 +20,7 @@ import re
 from collections import OrderedDict
 from functools import partial
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import timm
 import torch
