@@ -6,6 +6,7 @@ from rich.console import Console
 from ..errors import HatNetError
 from . import model_cmds  # noqa: F401  (registers commands)
 from . import classify  # noqa: F401  (registers commands)
+from . import seg  # noqa: F401  (registers the seg commands)
 from .app import app
 
 
