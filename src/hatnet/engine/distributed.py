@@ -62,6 +62,17 @@ def all_gather_object(obj: Any) -> List[Any]:
     return gathered
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every process rank 0's buffers (e.g. BatchNorm statistics).
+
+    DDP sends them only at the start of the next training forward, so without this each process would
+    evaluate its shard with slightly different statistics.
+    """
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def resolve_device(name: str = 'auto') -> torch.device:
     """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` -> a device; under torchrun ``cuda`` means ``cuda:LOCAL_RANK``."""
     name = (name or 'auto').lower()

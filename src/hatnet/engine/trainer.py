@@ -84,8 +84,8 @@ def _check_config(cfg: TrainConfig) -> None:
         raise HatNetError('--resume and --overwrite contradict each other; pass one of them')
 
 
-def _prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
-    """Refuse to touch another run unless asked; all processes check before rank 0 changes anything."""
+def _check_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
+    """Refuse to touch another run unless asked (checked on every process, before anything is built)."""
     if cfg.resume:
         if not (run_dir / LAST).is_file():
             raise CheckpointError(f'cannot resume: {run_dir} has no checkpoint ({LAST}); the run stopped before '
@@ -98,9 +98,13 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
             raise HatNetError(f'{run_dir} is not empty and is not a hatnet run directory; not overwriting it')
     elif run_dir.exists() and not run_dir.is_dir():
         raise HatNetError(f'run directory {run_dir} is a file')
+
+
+def _create_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
+    """Rank 0 creates (or, with --overwrite, replaces) the run directory once data and model have been built."""
     dist.barrier()
     if dist.is_main_process():
-        if cfg.overwrite and run_dir.is_dir():
+        if cfg.overwrite and not cfg.resume and run_dir.is_dir():
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
@@ -112,12 +116,14 @@ class Trainer:
         self.run_dir = Path(cfg.out)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.main = dist.is_main_process()
-        _prepare_run_dir(self.run_dir, cfg)
+        _check_run_dir(self.run_dir, cfg)
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every process
         model = task.build_model()
         train_set, val_set = task.build_datasets()
         self._build_loaders(train_set, val_set)
+        # only now, with data and model known to be good, is anything written
+        _create_run_dir(self.run_dir, cfg)
 
         model.to(device)
         if cfg.channels_last:
@@ -166,9 +172,11 @@ class Trainer:
                       pin_memory=self.device.type == 'cuda', generator=torch.Generator().manual_seed(cfg.seed))
         self.train_loader = DataLoader(
             self.train_set, batch_size=cfg.batch_size, sampler=self.train_sampler, drop_last=True, **common)
+        # validation workers live for the whole run: starting new ones at every evaluation costs time and,
+        # with fork, risks a start-up deadlock in processes that already run threads
         self.val_loader = DataLoader(
             val_set, batch_size=cfg.eval_batch_size or cfg.batch_size,
-            sampler=ShardSampler(val_set, self.world_size, self.rank), **common)
+            sampler=ShardSampler(val_set, self.world_size, self.rank), persistent_workers=cfg.workers > 0, **common)
         # whole accumulation groups only: the tail of an epoch that does not fill one is dropped
         self.steps_per_epoch = len(self.train_loader) // cfg.accum_steps
         self.batches_per_epoch = self.steps_per_epoch * cfg.accum_steps
@@ -284,6 +292,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- evaluation and checkpoints
     def _evaluate(self, model) -> Dict[str, float]:
+        dist.broadcast_buffers(model)
         model.eval()
         with torch.no_grad(), self._autocast():
             metrics = self.task.evaluate(model, self.val_loader, self.device)

@@ -187,11 +187,6 @@ class SegmentationTask(Task):
 
     def evaluate(self, model, loader, device):
         cfg = self.config
-        if distributed.is_distributed():
-            # DDP sends rank 0's buffers (BatchNorm statistics) to the other ranks only at the next training
-            # forward: without this, each rank would evaluate its shard with slightly different statistics
-            for buffer in model.buffers():
-                torch.distributed.broadcast(buffer, src=0)
         confusion = confusion_matrix(model, loader, device, self.data.num_classes, self.data.ignore_index,
                                      cfg.crop_size if cfg.slide else 0, cfg.flip)
         metrics = segmentation_metrics(confusion)
