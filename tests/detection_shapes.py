@@ -44,7 +44,7 @@ def _write_split(root, split, count, size, rng, first_ann_id):
         for _ in range(num_shapes):
             category_id = int(rng.choice([c['id'] for c in CATEGORIES]))
             r = rng.uniform(0.12, 0.25) * min(height, width)
-            cx, cy = rng.uniform(r, width - r), rng.uniform(r, height - r)
+            cx, cy = rng.uniform(1.2 * r, width - 1.2 * r), rng.uniform(1.2 * r, height - 1.2 * r)  # rectangles reach 1.17 r
             polygon = _shape_polygon(category_id, cx, cy, r, rng.uniform(0, math.pi))
             colour = tuple(int(np.clip(v + rng.integers(-25, 26), 0, 255)) for v in COLOURS[category_id])
             draw.polygon(polygon, fill=colour)

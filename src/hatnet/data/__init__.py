@@ -1,0 +1,1 @@
+"""Datasets of each task (``classification``, ...): folders on disk or embedded data -> tensors and targets."""

@@ -35,7 +35,6 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from ..errors import DatasetError
@@ -201,7 +200,8 @@ class CocoDetection(Dataset):
     Args:
         root: dataset folder in the COCO 2017 layout.
         split: split name ('train2017', 'val2017', ...).
-        transforms: v2 transform applied to (image, target), e.g. :func:`detection_transforms`.
+        transforms: v2 transform applied to (image, target), e.g. :func:`detection_transforms`; without
+            one, images are uint8.
         with_masks: decode instance masks (polygons or RLE) for Mask R-CNN.
         train: training set: skip crowd regions and images without annotations.
     """
@@ -238,18 +238,19 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def load_image(self, index: int) -> torch.Tensor:
-        info = self.coco.imgs[self.image_ids[index]]
-        path = self.images_dir / info['file_name']
+    def load_image(self, index: int) -> tv_tensors.Image:
+        """The image as a uint8 (3, H, W) tv_tensor."""
+        path = self.images_dir / self.coco.imgs[self.image_ids[index]]['file_name']
         try:
-            return decode_image(str(path), mode=ImageReadMode.RGB)
-        except RuntimeError as e:
-            raise DatasetError(f'cannot decode image {path}: {e}') from None
+            with Image.open(path) as image:
+                return tv_tensors.Image(v2.functional.pil_to_tensor(image.convert('RGB')))
+        except (UnidentifiedImageError, OSError) as e:
+            raise DatasetError(f'cannot read image {path}: {e}') from None
 
     def __getitem__(self, index: int):
         image_id = self.image_ids[index]
         info = self.coco.imgs[image_id]
-        image = tv_tensors.Image(self.load_image(index))
+        image = self.load_image(index)
         anns = self._annotations(image_id)
         canvas = (info['height'], info['width'])
         boxes = torch.tensor([a['bbox'] for a in anns], dtype=torch.float32).reshape(-1, 4)

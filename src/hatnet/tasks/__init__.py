@@ -1,0 +1,1 @@
+"""Tasks the one trainer (``hatnet.engine``) runs: data, model, loss and metrics of each."""
