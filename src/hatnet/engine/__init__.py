@@ -1,5 +1,9 @@
-"""One trainer for every task."""
-from .config import TrainConfig
+"""One trainer for every task (see ``trainer.py`` for the API)."""
+from . import distributed
+from .checkpoint import RunCheckpoint, load_run_checkpoint, load_weights
+from .config import TrainConfig, build_configs, find_recipe, load_recipe, resolve_config
 from .task import Task
+from .trainer import train
 
-__all__ = ['Task', 'TrainConfig']
+__all__ = ['RunCheckpoint', 'Task', 'TrainConfig', 'build_configs', 'distributed', 'find_recipe', 'load_recipe',
+           'load_run_checkpoint', 'load_weights', 'resolve_config', 'train']

@@ -1,0 +1,389 @@
+"""The one trainer: ``train(task, config)`` trains any :class:`~hatnet.engine.Task`.
+
+API
+---
+::
+
+    from hatnet.engine import Task, TrainConfig, train, resolve_config
+    from hatnet.engine import load_run_checkpoint, load_weights, distributed
+
+    train_cfg, task_cfg = resolve_config(MyTaskConfig, cli_options, recipe='paper', aliases={'paper': 'x'})
+    result = train(MyTask(task_cfg), train_cfg)   # {'run_dir', 'metrics' (last row), 'best': {...}}
+
+A task implements ``build_model``, ``build_datasets``, ``train_step``, ``evaluate`` (see ``engine/task.py``);
+``task.config`` (its settings dataclass) is saved with the trainer's in ``config.yaml``. The trainer does the
+rest, identically for every task:
+
+* length: ``epochs`` (each epoch one pass over the shuffled training set, tail dropped) or ``iters``
+  (optimiser steps, epochs wrap around); evaluation every ``eval_every`` epochs / steps and at the end.
+* timm ``create_optimizer_v2`` (no weight decay on norms and biases, optional ``layer_decay``) and
+  ``create_scheduler_v2`` stepped after every optimiser step; warm-up in epochs and/or steps; ``step``
+  schedules decay at ``decay_milestones`` (epochs, or steps in iteration runs); ``lr_base_size`` scales lr
+  by the global batch.
+* bf16 autocast (CPU and CUDA), fp16 with a GradScaler (CUDA), gradient accumulation and clipping,
+  timm ``ModelEmaV3`` (evaluated next to the model), channels_last, seeds.
+* DDP under ``torchrun`` (env:// rendezvous, gloo on CPU, nccl on CUDA), a sharded sampler, metrics
+  reduced by the task, only rank 0 writes files and prints.
+* a progress bar per epoch (iteration runs: per evaluation interval) with img/s, loss, lr and ETA;
+  ``metrics.csv`` (``step``, ``epoch``, ``lr``, ``train_*``, ``val_*``, ``val_ema_*``), TensorBoard when
+  installed, ``curves.png``, ``log.txt``, ``config.yaml``.
+* ``last.pth`` at every evaluation and every ``save_every`` steps, ``best.pth`` by ``task.primary_metric``,
+  written atomically. ``resume`` continues a killed run to exactly the state an uninterrupted run reaches.
+"""
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import yaml
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .. import __version__
+from ..checkpoint_io import load_file, save_atomic
+from ..errors import CheckpointError, DatasetError, HatNetError
+from . import distributed as dist
+from .checkpoint import BEST, FORMAT, LAST, capture_rng_state, load_weights, restore_rng_state
+from .config import TrainConfig, config_dict
+from .loaders import ResumableSampler, SeededDataset, ShardSampler, worker_errors_unwrapped
+from .logs import CURVES_PNG, RunLog, plot_curves
+from .task import Task
+
+CONFIG_YAML = 'config.yaml'
+LOG_TXT = 'log.txt'
+
+
+def train(task: Task, config: TrainConfig) -> Dict[str, Any]:
+    """Run (or, with ``config.resume``, continue) a training run; returns ``{'run_dir', 'metrics', 'best'}``."""
+    _check_config(config)
+    with dist.setup(config.device) as device, worker_errors_unwrapped():
+        return Trainer(task, config, device).fit()
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    if not cfg.out:
+        raise HatNetError('no run directory given (--out)')
+    if (cfg.epochs > 0) == (cfg.iters > 0):
+        raise HatNetError(f'give exactly one of epochs and iters (got epochs={cfg.epochs}, iters={cfg.iters})')
+    for name in ('batch_size', 'accum_steps', 'eval_every'):
+        if getattr(cfg, name) < 1:
+            raise HatNetError(f'{name} must be at least 1, got {getattr(cfg, name)}')
+    if cfg.amp not in ('none', 'bf16', 'fp16'):
+        raise HatNetError(f"amp must be 'none', 'bf16' or 'fp16', got {cfg.amp!r}")
+    if cfg.sched == 'step' and not cfg.decay_milestones:
+        raise HatNetError("sched 'step' needs decay_milestones (epochs, or steps in an iteration run)")
+    if cfg.resume and cfg.overwrite:
+        raise HatNetError('--resume and --overwrite contradict each other; pass one of them')
+
+
+def _prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
+    """Refuse to touch another run unless asked; all processes check before rank 0 changes anything."""
+    if cfg.resume:
+        if not (run_dir / LAST).is_file():
+            raise CheckpointError(f'cannot resume: {run_dir} has no checkpoint ({LAST}); the run stopped before '
+                                  f'its first checkpoint, start it again with --overwrite')
+    elif run_dir.is_dir() and any(run_dir.iterdir()):
+        if not cfg.overwrite:
+            raise HatNetError(f'run directory {run_dir} already exists: pass --resume to continue that run or '
+                              f'--overwrite to replace it')
+        if not (run_dir / CONFIG_YAML).is_file():
+            raise HatNetError(f'{run_dir} is not empty and is not a hatnet run directory; not overwriting it')
+    elif run_dir.exists() and not run_dir.is_dir():
+        raise HatNetError(f'run directory {run_dir} is a file')
+    dist.barrier()
+    if dist.is_main_process():
+        if cfg.overwrite and run_dir.is_dir():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+
+
+class Trainer:
+    def __init__(self, task: Task, cfg: TrainConfig, device: torch.device):
+        self.task, self.cfg, self.device = task, cfg, device
+        self.run_dir = Path(cfg.out)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.main = dist.is_main_process()
+        _prepare_run_dir(self.run_dir, cfg)
+
+        torch.manual_seed(cfg.seed)  # the same initial weights on every process
+        model = task.build_model()
+        train_set, val_set = task.build_datasets()
+        self._build_loaders(train_set, val_set)
+
+        model.to(device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        global_batch = cfg.batch_size * self.world_size * cfg.accum_steps
+        self.lr = cfg.lr * global_batch / cfg.lr_base_size if cfg.lr_base_size > 0 else cfg.lr
+        self.optimizer = create_optimizer_v2(
+            model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+            layer_decay=cfg.layer_decay)
+        self.scheduler = self._build_scheduler()
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16')
+        self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup) if cfg.ema else None
+
+        # position: optimiser steps done, and micro-batches of the current epoch consumed
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.best: Dict[str, Any] = {}
+        self.history: List[Dict[str, Any]] = []
+        self.sums: Dict[str, float] = {}  # running sums of the train scalars since the last evaluation
+        self.elapsed = 0.                  # training seconds before this session (resumed runs)
+        self.session_start = time.time()
+        if cfg.resume:
+            self._load_last()
+        else:
+            torch.manual_seed(cfg.seed + self.rank)  # dropout, mixup, ... differ between processes
+        self.scheduler.step_update(self.step)
+
+        self.ddp_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == 'cuda' else None) if dist.is_distributed() else model
+        self.log = RunLog(self.run_dir, purge_step=self.step or None) if self.main else None
+        if self.main:
+            self._write_config()
+
+    # ---------------------------------------------------------------- set-up
+    def _build_loaders(self, train_set, val_set) -> None:
+        cfg = self.cfg
+        if len(train_set) < cfg.batch_size * self.world_size * cfg.accum_steps:
+            raise DatasetError(f'the training set has {len(train_set)} samples, fewer than one optimiser step needs '
+                               f'(batch size {cfg.batch_size} x {self.world_size} processes x {cfg.accum_steps} '
+                               f'accumulation steps)')
+        if len(val_set) == 0:
+            raise DatasetError('the validation set is empty')
+        self.train_set = SeededDataset(train_set, cfg.seed)
+        self.train_sampler = ResumableSampler(self.train_set, self.world_size, self.rank, cfg.seed)
+        common = dict(num_workers=cfg.workers, collate_fn=self.task.collate_fn,
+                      pin_memory=self.device.type == 'cuda', generator=torch.Generator().manual_seed(cfg.seed))
+        self.train_loader = DataLoader(
+            self.train_set, batch_size=cfg.batch_size, sampler=self.train_sampler, drop_last=True, **common)
+        self.val_loader = DataLoader(
+            val_set, batch_size=cfg.eval_batch_size or cfg.batch_size,
+            sampler=ShardSampler(val_set, self.world_size, self.rank), **common)
+        # whole accumulation groups only: the tail of an epoch that does not fill one is dropped
+        self.steps_per_epoch = len(self.train_loader) // cfg.accum_steps
+        self.batches_per_epoch = self.steps_per_epoch * cfg.accum_steps
+        self.total_steps = cfg.iters or cfg.epochs * self.steps_per_epoch
+        self.eval_interval = cfg.eval_every * (self.steps_per_epoch if cfg.epochs else 1)
+        self.bar_interval = self.steps_per_epoch if cfg.epochs else cfg.eval_every
+
+    def _build_scheduler(self):
+        """timm scheduler over optimiser steps (one scheduler 'epoch' = one step)."""
+        cfg = self.cfg
+        per_epoch = self.steps_per_epoch if cfg.epochs else 1
+        milestones = [m * per_epoch for m in cfg.decay_milestones]
+        sched = {'step': 'multistep'}.get(cfg.sched, cfg.sched)
+        try:
+            scheduler, _ = create_scheduler_v2(
+                self.optimizer, sched=sched, num_epochs=self.total_steps, decay_milestones=milestones,
+                decay_rate=cfg.poly_power if sched == 'poly' else cfg.decay_rate, min_lr=cfg.min_lr,
+                warmup_lr=cfg.warmup_lr, warmup_epochs=round(cfg.warmup_epochs * self.steps_per_epoch) + cfg.warmup_iters,
+                step_on_epochs=False, updates_per_epoch=1)
+        except ValueError as e:
+            raise HatNetError(f'learning-rate schedule: {e}') from None
+        if scheduler is None:
+            raise HatNetError(f"sched {cfg.sched!r}: use cosine, poly, step, constant or another timm scheduler")
+        return scheduler
+
+    def _write_config(self) -> None:
+        header = (f'# hatnet {__version__} {self.task.name} run; {self.world_size} process(es), global batch '
+                  f'{self.cfg.batch_size * self.world_size * self.cfg.accum_steps}, effective lr {self.lr:.6g}, '
+                  f'{self.steps_per_epoch} steps per epoch, {self.total_steps} steps in total\n')
+        body = yaml.safe_dump(config_dict(self.cfg, self.task.config), sort_keys=False)
+        (self.run_dir / CONFIG_YAML).write_text(header + body)
+
+    # ---------------------------------------------------------------- training
+    def fit(self) -> Dict[str, Any]:
+        self._print(f'{self.task.name}: {self.total_steps} steps ({self.steps_per_epoch} per epoch) on {self.device}'
+                    f' x {self.world_size}, run directory {self.run_dir}')
+        batches = None
+        while self.step < self.total_steps:
+            bar_start = self.step // self.bar_interval * self.bar_interval
+            bar_end = min(bar_start + self.bar_interval, self.total_steps)
+            with self._progress_bar(bar_start, bar_end) as bar:
+                while self.step < bar_end:
+                    if batches is None:
+                        batches = self._epoch_batches()
+                    self._train_step([next(batches) for _ in range(self.cfg.accum_steps)], bar)
+                    self.batch_in_epoch += self.cfg.accum_steps
+                    if self.batch_in_epoch == self.batches_per_epoch:
+                        self.epoch, self.batch_in_epoch, batches = self.epoch + 1, 0, None
+                    if self.cfg.save_every and self.step % self.cfg.save_every == 0 and not self._eval_due():
+                        self._save_last()
+            if self._eval_due():
+                self._evaluate_and_save()
+        return self._finish()
+
+    def _eval_due(self) -> bool:
+        return self.step % self.eval_interval == 0 or self.step == self.total_steps
+
+    def _epoch_batches(self):
+        """Iterator over the rest of the current epoch's micro-batches."""
+        self.train_sampler.set_epoch(self.epoch, start=self.batch_in_epoch * self.cfg.batch_size)
+        self.train_set.epoch = self.epoch
+        return iter(self.train_loader)
+
+    def _autocast(self):
+        if self.cfg.amp == 'none':
+            return nullcontext()
+        dtype = torch.bfloat16 if self.cfg.amp == 'bf16' else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _train_step(self, micro_batches: list, bar) -> None:
+        self.ddp_model.train()
+        for i, batch in enumerate(micro_batches):
+            # gradients are synchronised across processes on the last micro-batch only
+            sync = i == len(micro_batches) - 1 or not dist.is_distributed()
+            with (nullcontext() if sync else self.ddp_model.no_sync()):
+                with self._autocast():
+                    loss, scalars = self.task.train_step(self.ddp_model, batch, self.device)
+                if not torch.isfinite(loss):
+                    raise HatNetError(f'the loss is {float(loss)} at step {self.step + 1}: training diverged '
+                                      f'(lower the lr, set clip_grad, or check the data)')
+                self.scaler.scale(loss / len(micro_batches)).backward()
+            for key, value in {'loss': loss.detach(), **scalars}.items():
+                self.sums[key] = self.sums.get(key, 0.) + float(value) / len(micro_batches)
+        if self.cfg.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.sums['steps'] = self.sums.get('steps', 0) + 1
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
+        self.scheduler.step_update(self.step)
+
+        bar.update(1)
+        if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+            loss = loss.item()
+            # tqdm's smoothed steps/s (data loading included) -> images/s of all processes
+            img_per_s = (bar.format_dict['rate'] or 0.) * self.cfg.batch_size * self.world_size * len(micro_batches)
+            bar.set_postfix_str(f'loss {loss:.4f}  lr {self._current_lr():.2e}  {img_per_s:.1f} img/s')
+            if self.log is not None:
+                self.log.scalars({'train/loss': loss, 'train/lr': self._current_lr()}, self.step)
+
+    def _current_lr(self) -> float:
+        return max(group['lr'] for group in self.optimizer.param_groups)
+
+    def _progress_bar(self, start: int, end: int):
+        desc = f'epoch {self.epoch + 1}/{self.cfg.epochs}' if self.cfg.epochs else \
+            f'steps {start + 1}-{end}/{self.total_steps}'
+        return tqdm(total=end - start, initial=self.step - start, desc=desc, unit='step', dynamic_ncols=True,
+                    leave=True, disable=not self.main)
+
+    # ---------------------------------------------------------------- evaluation and checkpoints
+    def _evaluate(self, model) -> Dict[str, float]:
+        model.eval()
+        with torch.no_grad(), self._autocast():
+            metrics = self.task.evaluate(model, self.val_loader, self.device)
+        if self.task.primary_metric not in metrics:
+            raise KeyError(f'{type(self.task).__name__}.evaluate() returned no {self.task.primary_metric!r} '
+                           f'(its primary_metric); it returned {sorted(metrics)}')
+        return {k: float(v) for k, v in metrics.items()}
+
+    def _evaluate_and_save(self) -> None:
+        sums = self._reduced_sums()
+        steps = sums.pop('steps', 0) or 1
+        row = {'epoch': round(self.step / self.steps_per_epoch, 3), 'step': self.step, 'lr': self._current_lr()}
+        row.update({f'train_{k}': v / steps for k, v in sums.items()})
+        row.update({f'val_{k}': v for k, v in self._evaluate(self.model).items()})
+        candidates = {'model': row[f'val_{self.task.primary_metric}']}
+        if self.ema is not None:
+            row.update({f'val_ema_{k}': v for k, v in self._evaluate(self.ema.module).items()})
+            candidates['ema'] = row[f'val_ema_{self.task.primary_metric}']
+        row['time_s'] = round(self.elapsed + time.time() - self.session_start, 1)
+        self.history.append(row)
+        self.sums = {}
+
+        source = max(candidates, key=candidates.get)
+        improved = not self.best or candidates[source] > self.best['value']
+        if improved:
+            self.best = {'metric': self.task.primary_metric, 'value': candidates[source], 'weights': source,
+                         'step': self.step}
+        if self.main:
+            self._print(' '.join(f'{k} {v:.4g}' for k, v in row.items() if k != 'time_s')
+                        + ('  (best)' if improved else ''))
+            self.log.write_csv(self.history)
+            self.log.scalars({k.replace('_', '/', 1): v for k, v in row.items() if k not in ('epoch', 'step')},
+                             self.step)
+            if improved:
+                weights = self.model if source == 'model' else self.ema.module
+                save_atomic(dict(self._identity(row), model=weights.state_dict(), weights=source),
+                            self.run_dir / BEST)
+        self._save_last()
+
+    def _reduced_sums(self) -> Dict[str, float]:
+        keys = sorted(self.sums)
+        totals = dist.all_reduce_sum([self.sums[k] for k in keys]).tolist()
+        return {k: v / self.world_size for k, v in zip(keys, totals)}
+
+    def _identity(self, metrics: Dict[str, Any]) -> Dict[str, Any]:
+        return dict(format=FORMAT, task=self.task.name, task_state=self.task.state(), metrics=metrics,
+                    epoch=self.epoch, step=self.step, config=config_dict(self.cfg, self.task.config))
+
+    def _save_last(self) -> None:
+        # every process contributes its generator states and running sums; rank 0 writes
+        ranks = dist.all_gather_object({'rng': capture_rng_state(), 'sums': dict(self.sums)})
+        if not self.main:
+            return
+        state = self._identity(self.history[-1] if self.history else {})
+        state.update(
+            model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
+            ema=self.ema.module.state_dict() if self.ema is not None else None,
+            batch_in_epoch=self.batch_in_epoch, best=self.best, history=self.history,
+            elapsed=self.elapsed + time.time() - self.session_start,
+            world_size=self.world_size, ranks=ranks)
+        save_atomic(state, self.run_dir / LAST)
+
+    def _load_last(self) -> None:
+        path = self.run_dir / LAST
+        state = load_file(path)
+        if not (isinstance(state, dict) and state.get('format') == FORMAT and 'optimizer' in state):
+            raise CheckpointError(f'{path} is not a hatnet training checkpoint')
+        if state['world_size'] != self.world_size:
+            raise CheckpointError(f'{path} was written by a run of {state["world_size"]} processes; resume it with '
+                                  f'the same number (now {self.world_size}) to continue it exactly')
+        if state['task'] != self.task.name:
+            raise CheckpointError(f'{path} is a {state["task"]} run, not a {self.task.name} one')
+        load_weights(self.model, state['model'], source=str(path))
+        self.optimizer.load_state_dict(state['optimizer'])
+        self.scheduler.load_state_dict(state['scheduler'])
+        self.scaler.load_state_dict(state['scaler'])
+        if self.ema is not None and state['ema'] is not None:
+            self.ema.module.load_state_dict(state['ema'])
+        elif self.ema is not None:
+            self.ema.set(self.model)
+        self.step, self.epoch, self.batch_in_epoch = state['step'], state['epoch'], state['batch_in_epoch']
+        self.best, self.history, self.elapsed = state['best'], state['history'], state['elapsed']
+        own = state['ranks'][self.rank]
+        restore_rng_state(own['rng'])
+        self.sums = own['sums']
+        if self.step >= self.total_steps:
+            self._print(f'{path} is at step {self.step} of {self.total_steps}: the run is already complete')
+        else:
+            self._print(f'resuming {self.run_dir} at step {self.step} (epoch {self.epoch + 1}, '
+                        f'batch {self.batch_in_epoch} of {self.batches_per_epoch})')
+
+    def _finish(self) -> Dict[str, Any]:
+        if self.main:
+            plot_curves(self.history, self.run_dir / CURVES_PNG, self.task.primary_metric)
+            self.log.close()
+            self._print(f'best val_{self.best["metric"]} {self.best["value"]:.4g} ({self.best["weights"]} weights, '
+                        f'step {self.best["step"]}); checkpoints, metrics.csv and {CURVES_PNG} in {self.run_dir}')
+        return {'run_dir': str(self.run_dir), 'metrics': self.history[-1], 'best': self.best}
+
+    def _print(self, message: str) -> None:
+        if self.main:
+            tqdm.write(message)
+            with open(self.run_dir / LOG_TXT, 'a') as f:
+                f.write(f'{time.strftime("%Y-%m-%d %H:%M:%S")} {message}\n')
