@@ -1,6 +1,6 @@
 """A small COCO-format dataset of coloured shapes, written for the detection tests and benchmarks.
 
-Every image has a noisy grey background and 1-3 shapes (rectangle, triangle, disc: one colour family each)
+Every image has a noisy grey background and 1-3 (max_shapes) shapes (rectangle, triangle, disc: one colour family each)
 annotated with their box and polygon; one annotation per split is stored as compressed RLE and one as
 uncompressed RLE, and each split has one image without any shape.
 
@@ -30,7 +30,7 @@ def _shape_polygon(category_id, cx, cy, r, angle):
     return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in corners]
 
 
-def _write_split(root, split, count, size, rng, first_ann_id):
+def _write_split(root, split, count, size, radius, max_shapes, rng, first_ann_id):
     height, width = size
     (root / split).mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
@@ -40,10 +40,10 @@ def _write_split(root, split, count, size, rng, first_ann_id):
         pixels = rng.normal(128, 20, (height, width, 3)).clip(0, 255).astype(np.uint8)
         image = Image.fromarray(pixels)
         draw = ImageDraw.Draw(image)
-        num_shapes = 0 if index == count - 1 else rng.integers(1, 4)
+        num_shapes = 0 if index == count - 1 else rng.integers(1, max_shapes + 1)
         for _ in range(num_shapes):
             category_id = int(rng.choice([c['id'] for c in CATEGORIES]))
-            r = rng.uniform(0.12, 0.25) * min(height, width)
+            r = rng.uniform(*radius) * min(height, width)
             cx, cy = rng.uniform(1.2 * r, width - 1.2 * r), rng.uniform(1.2 * r, height - 1.2 * r)  # rectangles reach 1.17 r
             polygon = _shape_polygon(category_id, cx, cy, r, rng.uniform(0, math.pi))
             colour = tuple(int(np.clip(v + rng.integers(-25, 26), 0, 255)) for v in COLOURS[category_id])
@@ -73,13 +73,17 @@ def _write_split(root, split, count, size, rng, first_ann_id):
     return ann_id
 
 
-def write_shapes_dataset(root, train=32, val=8, size=(96, 128), seed=0, splits=('train2017', 'val2017')):
-    """Write the dataset under ``root`` in the COCO 2017 layout; returns ``root``."""
+def write_shapes_dataset(root, train=32, val=8, size=(96, 128), radius=(0.12, 0.25), max_shapes=3, seed=0,
+                         splits=('train2017', 'val2017')):
+    """Write the dataset under ``root`` in the COCO 2017 layout; returns ``root``.
+
+    ``radius``: range of the shapes' radii as fractions of the shorter image side.
+    """
     root = Path(root)
     rng = np.random.default_rng(seed)
     ann_id = 1
     for split, count in zip(splits, (train, val)):
-        ann_id = _write_split(root, split, count, size, rng, ann_id)
+        ann_id = _write_split(root, split, count, size, radius, max_shapes, rng, ann_id)
     return root
 
 

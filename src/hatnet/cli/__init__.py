@@ -4,7 +4,7 @@ import sys
 from rich.console import Console
 
 from ..errors import HatNetError
-from . import model_cmds  # noqa: F401  (registers commands)
+from . import det, model_cmds  # noqa: F401  (registers commands)
 from .app import app
 
 

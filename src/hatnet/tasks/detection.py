@@ -3,26 +3,35 @@
 Also the pieces ``hatnet det eval`` / ``det predict`` share with training: turning the detector's outputs into
 COCO results, COCO evaluation (faster-coco-eval, the pycocotools algorithm), and drawing detections.
 """
+import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from faster_coco_eval import COCO as EvalCOCO
 from faster_coco_eval import COCOeval_faster
+from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from torch import nn
 from torch.utils.data import DataLoader
+from torchvision.transforms.v2.functional import pil_to_tensor
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+from ..checkpoint_io import _atomic_write
+
 from ..data.detection import CocoDetection, check_same_categories, collate, detection_transforms
-from ..engine.task import Task
-from ..errors import HatNetError
+from ..engine import Task, TrainConfig, build_configs, find_recipe, load_recipe, load_run_checkpoint, load_weights
+from ..engine import distributed as dist
+from ..engine import resolve_config
+from ..errors import CheckpointError, DatasetError, HatNetError, InputError
 from ..models.detection import ARCHS, create_detector
 
-__all__ = ['COCO_STATS', 'DetectionConfig', 'DetectionTask', 'coco_metrics', 'coco_results', 'draw_detections',
-           'predict_coco']
+__all__ = ['COCO_STATS', 'DetectionConfig', 'DetectionTask', 'TrainedDetector', 'build_detector', 'coco_metrics',
+           'coco_results', 'detection_configs', 'draw_detections', 'evaluate_checkpoint', 'iou_types', 'load_detector',
+           'predict_coco', 'predict_images', 'write_csv', 'write_json']
 
 _logger = logging.getLogger(__name__)
 
@@ -56,37 +65,31 @@ class DetectionTask(Task):
     collate_fn = staticmethod(collate)
 
     def __init__(self, config: DetectionConfig):
-        if config.arch not in ARCHS:
-            raise HatNetError(f'unknown detector {config.arch!r}: choose one of {", ".join(ARCHS)}')
+        check_arch(config.arch)
         self.config = config
-        self.train_set: Optional[CocoDetection] = None
-        self.val_set: Optional[CocoDetection] = None
+        self._datasets: Optional[Tuple[CocoDetection, CocoDetection]] = None
 
     @property
-    def with_masks(self) -> bool:
-        return self.config.arch == 'maskrcnn'
+    def iou_types(self) -> Tuple[str, ...]:
+        return iou_types(self.config.arch)
 
     def build_datasets(self) -> Tuple[CocoDetection, CocoDetection]:
-        c = self.config
-        train_sizes = c.multi_scale or [c.min_size]
-        self.train_set = CocoDetection(
-            c.data, c.train_split, detection_transforms(True, train_sizes, c.max_size, c.hflip),
-            with_masks=self.with_masks, train=True)
-        self.val_set = CocoDetection(c.data, c.val_split, detection_transforms(False), with_masks=self.with_masks)
-        check_same_categories(self.train_set, self.val_set)
-        for split, ds in (('train', self.train_set), ('val', self.val_set)):
-            if ds.skipped:
-                _logger.warning('%s: skipped %s', split, ', '.join(f'{n} {what}' for what, n in ds.skipped.items()))
-        return self.train_set, self.val_set
+        if self._datasets is None:  # the model needs the number of classes: built once, for both
+            c = self.config
+            with_masks = 'segm' in self.iou_types
+            train_set = CocoDetection(
+                c.data, c.train_split, detection_transforms(True, c.multi_scale or [c.min_size], c.max_size, c.hflip),
+                with_masks=with_masks, train=True)
+            val_set = CocoDetection(c.data, c.val_split, detection_transforms(False), with_masks=with_masks)
+            check_same_categories(train_set, val_set)
+            for split, ds in (('train', train_set), ('val', val_set)):
+                if ds.skipped and dist.is_main_process():
+                    _logger.warning('%s: skipped %s', split, ', '.join(f'{n} {what}' for what, n in ds.skipped.items()))
+            self._datasets = train_set, val_set
+        return self._datasets
 
     def build_model(self) -> nn.Module:
-        if self.train_set is None:
-            self.build_datasets()
-        c = self.config
-        return create_detector(
-            c.arch, self.train_set.num_classes, backbone=c.model, pretrained_backbone=c.pretrained,
-            frozen_stages=c.frozen_stages, drop_path_rate=c.drop_path_rate, min_size=c.min_size,
-            max_size=c.max_size, score_thresh=c.score_thresh, detections_per_img=c.detections_per_img)
+        return build_detector(self.config, self.build_datasets()[0].num_classes, pretrained=True)
 
     def train_step(self, model: nn.Module, batch: Any, device: torch.device):
         images, targets = batch
@@ -98,17 +101,57 @@ class DetectionTask(Task):
 
     def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device) -> Dict[str, float]:
         dataset: CocoDetection = loader.dataset
-        results = predict_coco(model, loader, device, dataset.category_ids)
-        return coco_metrics(dataset.coco.dataset, results, self.iou_types)
-
-    @property
-    def iou_types(self) -> Tuple[str, ...]:
-        return ('bbox', 'segm') if self.with_masks else ('bbox',)
+        # each process predicts its shard; every process scores all of them, so all return the same numbers
+        shards = dist.all_gather_object(predict_coco(model, loader, device, dataset.category_ids))
+        return coco_metrics(dataset.coco.dataset, [r for shard in shards for r in shard], self.iou_types)
 
     def state(self) -> Dict[str, Any]:
-        ds = self.train_set
-        return dict(config=asdict(self.config), num_classes=ds.num_classes, class_names=ds.class_names,
-                    category_ids=ds.category_ids)
+        train_set = self.build_datasets()[0]
+        return dict(config=asdict(self.config), num_classes=train_set.num_classes,
+                    class_names=train_set.class_names, category_ids=train_set.category_ids)
+
+
+def check_arch(arch: str) -> None:
+    if arch not in ARCHS:
+        raise HatNetError(f'unknown detector {arch!r}: choose one of {", ".join(ARCHS)}')
+
+
+def iou_types(arch: str) -> Tuple[str, ...]:
+    """What COCO evaluates for a detector: boxes, and for Mask R-CNN also masks."""
+    return ('bbox', 'segm') if arch == 'maskrcnn' else ('bbox',)
+
+
+def build_detector(config: DetectionConfig, num_classes: int, pretrained: bool = False) -> nn.Module:
+    """The detector a config describes (``pretrained``: load ``config.pretrained`` into the backbone)."""
+    return create_detector(
+        config.arch, num_classes, backbone=config.model, pretrained_backbone=config.pretrained if pretrained else None,
+        frozen_stages=config.frozen_stages, drop_path_rate=config.drop_path_rate, min_size=config.min_size,
+        max_size=config.max_size, score_thresh=config.score_thresh, detections_per_img=config.detections_per_img)
+
+
+@dataclass
+class TrainedDetector:
+    """A detector rebuilt from a run checkpoint, with the facts needed to use it."""
+    model: nn.Module
+    config: DetectionConfig
+    class_names: List[str]
+    category_ids: List[int]
+    metrics: Dict[str, Any]
+
+
+def load_detector(checkpoint, **overrides) -> TrainedDetector:
+    """Rebuild a trained detector from a run directory (its best checkpoint) or a checkpoint file.
+
+    ``overrides``: inference settings to change (score_thresh, detections_per_img, min_size, max_size).
+    """
+    ckpt = load_run_checkpoint(checkpoint, task=DetectionTask.name)
+    if ckpt.task != DetectionTask.name:
+        raise CheckpointError(f'{ckpt.path} is not a hatnet detection checkpoint (train one with hatnet det train)')
+    state = ckpt.task_state
+    config = replace(DetectionConfig(**state['config']), **{k: v for k, v in overrides.items() if v is not None})
+    model = build_detector(config, state['num_classes'])
+    load_weights(model, ckpt.state_dict, source=str(ckpt.path))
+    return TrainedDetector(model.eval(), config, state['class_names'], state['category_ids'], ckpt.metrics)
 
 
 def coco_results(output: Dict[str, torch.Tensor], image_id: int, category_ids: Sequence[int]) -> List[dict]:
@@ -172,3 +215,94 @@ def draw_detections(image: torch.Tensor, output: Dict[str, torch.Tensor], class_
         image = draw_segmentation_masks(image, output['masks'][:, 0] > MASK_THRESHOLD, alpha=0.45, colors=box_colours)
     captions = [f'{class_names[label - 1]} {score:.2f}' for label, score in zip(labels, output['scores'].tolist())]
     return draw_bounding_boxes(image, output['boxes'], captions, colors=box_colours, width=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what the det commands run
+
+
+def detection_configs(options: Dict[str, Any], recipe: Optional[str] = None) -> Tuple[TrainConfig, DetectionConfig]:
+    """Settings of a ``det train`` run: defaults < recipe (by default the arch's 1x COCO recipe) < options.
+
+    A length given in ``options`` (epochs or iters) replaces the recipe's, and the recipe's lr steps move to
+    the same fractions of the new length: ``--epochs 24`` turns the 1x steps at 8 and 11 into 16 and 22 (the
+    2x schedule), ``--iters 300`` into steps 200 and 275. ``resume`` reads the run's own config.yaml.
+    """
+    options = {k: v for k, v in options.items() if v is not None}
+    if options.get('resume') or options.get('epochs') is None and options.get('iters') is None:
+        recipe = recipe or (None if options.get('resume') else f'coco_{options.get("arch", "retinanet")}_1x')
+        return resolve_config(DetectionConfig, options, recipe=recipe)
+    values = load_recipe(find_recipe(recipe or f'coco_{options.get("arch", "retinanet")}_1x'))
+    length, new_length = values.get('epochs') or values.get('iters'), options.get('epochs') or options.get('iters')
+    if length and new_length and values.get('decay_milestones'):
+        values['decay_milestones'] = [max(1, round(m * new_length / length)) for m in values['decay_milestones']]
+    values.update(epochs=0, iters=0)
+    return build_configs({**values, **options}, DetectionConfig)
+
+
+def _check_categories(dataset: CocoDetection, detector: TrainedDetector) -> None:
+    if dataset.category_ids != detector.category_ids or dataset.class_names != detector.class_names:
+        raise DatasetError(f'{dataset.annotation_file} lists other categories than the detector was trained on '
+                           f'({", ".join(detector.class_names)})')
+
+
+def evaluate_checkpoint(checkpoint, data, split: str = 'val2017', batch_size: int = 2, workers: int = 2,
+                        device: str = 'auto', **overrides) -> Tuple[Dict[str, float], List[dict]]:
+    """COCO metrics of a trained detector on one split, and its detections as COCO results."""
+    device = dist.resolve_device(device)
+    detector = load_detector(checkpoint, **overrides)
+    dataset = CocoDetection(data, split, detection_transforms(False), with_masks=detector.config.arch == 'maskrcnn')
+    _check_categories(dataset, detector)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    detections = predict_coco(detector.model.to(device), loader, device, dataset.category_ids)
+    return coco_metrics(dataset.coco.dataset, detections, iou_types(detector.config.arch)), detections
+
+
+def _read_image(path: Path) -> torch.Tensor:
+    try:
+        with Image.open(path) as image:
+            return pil_to_tensor(image.convert('RGB'))
+    except (OSError, UnidentifiedImageError) as e:
+        raise InputError(f'cannot read image {path}: {e}') from None
+
+
+@torch.no_grad()
+def predict_images(images: Sequence[Path], checkpoint, out: Path, device: str = 'auto', **overrides) -> List[Path]:
+    """Detect objects in image files; writes ``out/<name>.png`` (detections drawn) and ``out/predictions.json``.
+
+    Every image is checked before anything is written. ``overrides``: score_thresh, detections_per_img, ...
+    """
+    images, out = [Path(p) for p in images], Path(out)
+    pngs = [out / f'{p.stem}.png' for p in images]
+    for path, png in zip(images, pngs):
+        _read_image(path)
+        if pngs.count(png) > 1:
+            raise InputError(f'two input images would both be drawn to {png}; rename one of them')
+    device = dist.resolve_device(device)
+    detector = load_detector(checkpoint, **overrides)
+    model = detector.model.to(device)
+    entries = []
+    for path, png in zip(images, pngs):
+        image = _read_image(path)
+        output = {k: v.cpu() for k, v in model([image.to(device) / 255.])[0].items()}
+        drawn = draw_detections(image, output, detector.class_names).permute(1, 2, 0).numpy()
+        _atomic_write(png, lambda tmp: Image.fromarray(drawn).save(tmp, format='PNG'))
+        detections = coco_results(output, 0, detector.category_ids)
+        for entry, label in zip(detections, output['labels'].tolist()):
+            del entry['image_id']
+            entry['label'] = detector.class_names[label - 1]
+        entries.append(dict(image=str(path), drawing=str(png), detections=detections))
+    write_json(entries, out / 'predictions.json')
+    return pngs
+
+
+def write_json(obj: Any, path) -> None:
+    """JSON file written atomically (temp file + rename)."""
+    text = json.dumps(obj)
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_csv(metrics: Dict[str, float], path) -> None:
+    """The metrics as a two-line CSV (names, values), written atomically."""
+    text = ','.join(metrics) + '\n' + ','.join(f'{v:.6g}' for v in metrics.values()) + '\n'
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
