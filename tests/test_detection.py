@@ -18,6 +18,14 @@ from hatnet.tasks.detection import (
     DetectionConfig, DetectionTask, coco_metrics, coco_results, detection_configs, load_detector)
 
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # on a shared 2-core machine two intra-op threads per process spin against other processes' threads
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 @pytest.fixture(scope='module')
 def shapes(tmp_path_factory):
     return write_shapes_dataset(tmp_path_factory.mktemp('shapes'), train=6, val=3, size=(64, 80))

@@ -58,7 +58,7 @@ def train_cmd(
 def eval_cmd(
         data: Path = typer.Option(..., help='Dataset folder in the COCO 2017 layout.'),
         checkpoint: Path = typer.Option(..., help=CHECKPOINT_HELP),
-        val_split: str = typer.Option('val2017', help='Split to evaluate.'),
+        val_split: Optional[str] = typer.Option(None, help="Split to evaluate. [default: the run's val split]"),
         batch_size: int = typer.Option(2, help='Images per forward pass.'),
         workers: int = typer.Option(2, help='Data-loading processes.'),
         min_size: Optional[int] = typer.Option(None, help="Shorter image side. [default: the run's]"),

@@ -31,7 +31,7 @@ from torchvision.ops.feature_pyramid_network import (
 
 from ..errors import HatNetError
 
-__all__ = ['ARCHS', 'TimmBackboneWithFPN', 'create_detector', 'freeze_stages', 'maskrcnn_hat_net',
+__all__ = ['ARCHS', 'TimmBackboneWithFPN', 'check_arch', 'create_detector', 'freeze_stages', 'maskrcnn_hat_net',
            'retinanet_hat_net', 'timm_features']
 
 FPN_CHANNELS = 256
@@ -169,8 +169,12 @@ def maskrcnn_hat_net(
 ARCHS = {'retinanet': retinanet_hat_net, 'maskrcnn': maskrcnn_hat_net}
 
 
-def create_detector(arch: str, num_classes: int, **kwargs) -> nn.Module:
-    """``retinanet_hat_net`` or ``maskrcnn_hat_net`` by name."""
+def check_arch(arch: str) -> None:
     if arch not in ARCHS:
         raise HatNetError(f'unknown detector {arch!r}: choose one of {", ".join(ARCHS)}')
+
+
+def create_detector(arch: str, num_classes: int, **kwargs) -> nn.Module:
+    """``retinanet_hat_net`` or ``maskrcnn_hat_net`` by name."""
+    check_arch(arch)
     return ARCHS[arch](num_classes, **kwargs)

@@ -21,13 +21,12 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from ..checkpoint_io import _atomic_write
-
 from ..data.detection import CocoDetection, check_same_categories, collate, detection_transforms
 from ..engine import Task, TrainConfig, build_configs, find_recipe, load_recipe, load_run_checkpoint, load_weights
 from ..engine import distributed as dist
 from ..engine import resolve_config
-from ..errors import CheckpointError, DatasetError, HatNetError, InputError
-from ..models.detection import ARCHS, create_detector
+from ..errors import CheckpointError, DatasetError, InputError
+from ..models.detection import check_arch, create_detector
 
 __all__ = ['COCO_STATS', 'DetectionConfig', 'DetectionTask', 'TrainedDetector', 'build_detector', 'coco_metrics',
            'coco_results', 'detection_configs', 'draw_detections', 'evaluate_checkpoint', 'iou_types', 'load_detector',
@@ -55,6 +54,7 @@ class DetectionConfig:
     max_size: int = 1333                    # cap on the longer side
     multi_scale: List[int] = field(default_factory=list)  # training: shorter side drawn from these sizes
     hflip: float = 0.5                      # training: horizontal flip probability
+    roi_batch_size: int = 512               # Mask R-CNN training: RoIs sampled per image for the box and mask heads
     score_thresh: float = 0.05              # inference: drop detections below this score
     detections_per_img: int = 100           # inference: keep at most this many per image
 
@@ -111,11 +111,6 @@ class DetectionTask(Task):
                     class_names=train_set.class_names, category_ids=train_set.category_ids)
 
 
-def check_arch(arch: str) -> None:
-    if arch not in ARCHS:
-        raise HatNetError(f'unknown detector {arch!r}: choose one of {", ".join(ARCHS)}')
-
-
 def iou_types(arch: str) -> Tuple[str, ...]:
     """What COCO evaluates for a detector: boxes, and for Mask R-CNN also masks."""
     return ('bbox', 'segm') if arch == 'maskrcnn' else ('bbox',)
@@ -123,10 +118,12 @@ def iou_types(arch: str) -> Tuple[str, ...]:
 
 def build_detector(config: DetectionConfig, num_classes: int, pretrained: bool = False) -> nn.Module:
     """The detector a config describes (``pretrained``: load ``config.pretrained`` into the backbone)."""
+    extra = dict(box_batch_size_per_image=config.roi_batch_size) if config.arch == 'maskrcnn' else {}
     return create_detector(
         config.arch, num_classes, backbone=config.model, pretrained_backbone=config.pretrained if pretrained else None,
         frozen_stages=config.frozen_stages, drop_path_rate=config.drop_path_rate, min_size=config.min_size,
-        max_size=config.max_size, score_thresh=config.score_thresh, detections_per_img=config.detections_per_img)
+        max_size=config.max_size, score_thresh=config.score_thresh, detections_per_img=config.detections_per_img,
+        **extra)
 
 
 @dataclass
@@ -246,12 +243,14 @@ def _check_categories(dataset: CocoDetection, detector: TrainedDetector) -> None
                            f'({", ".join(detector.class_names)})')
 
 
-def evaluate_checkpoint(checkpoint, data, split: str = 'val2017', batch_size: int = 2, workers: int = 2,
+def evaluate_checkpoint(checkpoint, data, split: Optional[str] = None, batch_size: int = 2, workers: int = 2,
                         device: str = 'auto', **overrides) -> Tuple[Dict[str, float], List[dict]]:
-    """COCO metrics of a trained detector on one split, and its detections as COCO results."""
+    """COCO metrics of a trained detector on one split (default: the run's validation split), and its
+    detections as COCO results."""
     device = dist.resolve_device(device)
     detector = load_detector(checkpoint, **overrides)
-    dataset = CocoDetection(data, split, detection_transforms(False), with_masks=detector.config.arch == 'maskrcnn')
+    dataset = CocoDetection(data, split or detector.config.val_split, detection_transforms(False),
+                            with_masks=detector.config.arch == 'maskrcnn')
     _check_categories(dataset, detector)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
     detections = predict_coco(detector.model.to(device), loader, device, dataset.category_ids)
