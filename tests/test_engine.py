@@ -1,6 +1,7 @@
 """The trainer on a toy task: optimisation, exact resume, DDP, schedules, run-directory rules."""
 import csv
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -74,6 +76,8 @@ class ToyTask(Task):
             raise RuntimeError('simulated crash')
         time.sleep(self.config.step_sleep)
         x, y = (t.to(device) for t in batch)
+        # like Mixup (numpy) and RandAugment (python): the trainer must seed and restore these generators too
+        x = x * (1 + self.config.noise * (np.random.rand() - random.random()))
         logits = model(x)
         return F.cross_entropy(logits, y), {'acc': (logits.argmax(1) == y).float().mean()}
 
@@ -128,6 +132,7 @@ def test_resume_after_crash_ends_where_an_uninterrupted_run_does(tmp_path, lengt
     # 12 batches per epoch; checkpoints every 4 steps and at evaluations; the crash is in step 10
     settings = dict(length, ema=True, save_every=4, clip_grad=1.0)
     train(ToyTask(), _cfg(tmp_path / 'full', **settings))
+    np.random.seed(99), random.seed(99), torch.manual_seed(99)  # whatever ran before must not matter
     with pytest.raises(RuntimeError, match='simulated crash'):
         train(ToyTask(ToyConfig(crash_at=crash_at)), _cfg(tmp_path / 'crashed', **settings))
     last = torch.load(tmp_path / 'crashed' / 'last.pth', weights_only=True)
@@ -266,6 +271,8 @@ def test_recipes_split_coerce_and_reject_unknown_keys(tmp_path):
     train_cfg, toy_cfg = resolve_config(ToyConfig, {'out': 'x', 'epochs': 7, 'lr': None}, recipe=str(recipe))
     assert train_cfg.lr == 5e-4 and train_cfg.epochs == 7 and train_cfg.decay_milestones == [8, 11]
     assert toy_cfg.n_train == 50 and train_cfg.out == 'x'
+    train_cfg, _ = resolve_config(ToyConfig, {'iters': 30}, recipe=str(recipe))  # replaces the recipe's epochs
+    assert (train_cfg.epochs, train_cfg.iters) == (0, 30)
     recipe.write_text('lr: 1e-3\nlearning_rate: 3\n')
     with pytest.raises(HatNetError, match="unknown setting 'learning_rate'"):
         resolve_config(ToyConfig, {}, recipe=str(recipe))

@@ -4,7 +4,9 @@ import sys
 from rich.console import Console
 
 from ..errors import HatNetError
-from . import det, model_cmds  # noqa: F401  (registers commands)
+from . import model_cmds  # noqa: F401  (registers commands)
+from . import classify  # noqa: F401  (registers commands)
+from . import det  # noqa: F401  (registers commands)
 from .app import app
 
 

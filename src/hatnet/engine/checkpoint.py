@@ -71,6 +71,7 @@ class RunCheckpoint:
     task: str = ''                     # '' for a bare weights file (e.g. an original HAT-Net .pth)
     task_state: Dict[str, Any] = field(default_factory=dict)
     metrics: Dict[str, Any] = field(default_factory=dict)
+    config: Dict[str, Any] = field(default_factory=dict)  # the run's flat settings (data, model, ...)
 
 
 def load_run_checkpoint(path, task: str = '') -> RunCheckpoint:
@@ -91,7 +92,7 @@ def load_run_checkpoint(path, task: str = '') -> RunCheckpoint:
     if task and checkpoint['task'] != task:
         raise CheckpointError(f'{path} is a {checkpoint["task"]} checkpoint, not a {task} one')
     return RunCheckpoint(path, checkpoint['model'], checkpoint['task'], checkpoint.get('task_state', {}),
-                         checkpoint.get('metrics', {}))
+                         checkpoint.get('metrics', {}), checkpoint.get('config', {}))
 
 
 def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str = 'checkpoint') -> None:

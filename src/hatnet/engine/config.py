@@ -53,6 +53,7 @@ class TrainConfig:
     ema_warmup: bool = True         # ramp the EMA decay up over the first steps (timm ModelEmaV3 use_warmup)
     seed: int = 0
     device: str = 'auto'            # auto | cpu | cuda | cuda:N
+    threads: int = 0                # intra-op CPU threads per process (0: PyTorch's default, one per core)
     # bookkeeping
     eval_every: int = 1             # epochs for epoch runs, optimiser steps for iteration runs
     save_every: int = 0             # also write 'last' every N optimiser steps (0: only at evaluation points)
@@ -175,6 +176,10 @@ def resolve_config(
         values = load_recipe(run_dir / 'config.yaml')
     elif recipe is not None:
         values = load_recipe(find_recipe(recipe, aliases))
+    # epochs and iters are one setting: giving either one replaces the other
+    for given, other in (('epochs', 'iters'), ('iters', 'epochs')):
+        if options.get(given) and not options.get(other):
+            values.pop(other, None)
     values.update(options)
     return build_configs(values, task_config_cls)
 

@@ -40,7 +40,7 @@ import torch
 import yaml
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3
+from timm.utils import ModelEmaV3, random_seed
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -62,6 +62,8 @@ LOG_TXT = 'log.txt'
 def train(task: Task, config: TrainConfig) -> Dict[str, Any]:
     """Run (or, with ``config.resume``, continue) a training run; returns ``{'run_dir', 'metrics', 'best'}``."""
     _check_config(config)
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
     with dist.setup(config.device) as device, worker_errors_unwrapped():
         return Trainer(task, config, device).fit()
 
@@ -139,8 +141,8 @@ class Trainer:
         self.session_start = time.time()
         if cfg.resume:
             self._load_last()
-        else:
-            torch.manual_seed(cfg.seed + self.rank)  # dropout, mixup, ... differ between processes
+        else:  # python, numpy and torch generators: dropout, mixup, ... differ between processes
+            random_seed(cfg.seed, self.rank)
         self.scheduler.step_update(self.step)
 
         self.ddp_model = DistributedDataParallel(

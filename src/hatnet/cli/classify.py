@@ -1,0 +1,304 @@
+"""``hatnet train / eval / predict / attention / demo``: image classification."""
+import json
+import os
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import HatNetError
+from .app import app
+
+RUN_OPTIONS = 'run'
+MODEL_OPTIONS = 'model and data'
+OPT_OPTIONS = 'optimisation'
+AUG_OPTIONS = 'augmentation'
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get('RANK', '0')) == 0  # torchrun starts every rank with the same command
+
+
+@app.command()
+def train(
+        data: Optional[str] = typer.Option(None, help="ImageFolder root with train/ and val/, or 'digits' (embedded, "
+                                                      "no download).", rich_help_panel=MODEL_OPTIONS),
+        model: Optional[str] = typer.Option(None, help='hat_net_{tiny,small,medium,large} or any timm model.',
+                                            rich_help_panel=MODEL_OPTIONS),
+        out: Optional[str] = typer.Option(None, help='Run directory (default: runs/MODEL-DATA).',
+                                          rich_help_panel=RUN_OPTIONS),
+        recipe: Optional[str] = typer.Option(None, help="'paper' (ImageNet, the paper's), 'digits', another bundled "
+                                                        "recipe or a YAML file; options given here override it.",
+                                             rich_help_panel=RUN_OPTIONS),
+        resume: bool = typer.Option(False, '--resume', help="Continue the run in --out (its config.yaml) from its "
+                                                            "last checkpoint.", rich_help_panel=RUN_OPTIONS),
+        overwrite: bool = typer.Option(False, '--overwrite', help='Replace an existing run directory.',
+                                       rich_help_panel=RUN_OPTIONS),
+        epochs: Optional[int] = typer.Option(None, rich_help_panel=RUN_OPTIONS),
+        iters: Optional[int] = typer.Option(None, help='Optimiser steps instead of epochs.',
+                                            rich_help_panel=RUN_OPTIONS),
+        batch_size: Optional[int] = typer.Option(None, help='Per process.', rich_help_panel=RUN_OPTIONS),
+        img_size: Optional[int] = typer.Option(None, help='(default: the model\'s, 32 for the digits)',
+                                               rich_help_panel=MODEL_OPTIONS),
+        pretrained: Optional[str] = typer.Option(None, help='Original HAT-Net .pth, our .safetensors / .pth or a run '
+                                                            'directory; a classifier of another size is reset.',
+                                                 rich_help_panel=MODEL_OPTIONS),
+        num_classes: Optional[int] = typer.Option(None, help='(default: the number of class folders)',
+                                                  rich_help_panel=MODEL_OPTIONS),
+        freeze_stages: Optional[int] = typer.Option(None, help='Freeze the stem and the first N stages.',
+                                                    rich_help_panel=MODEL_OPTIONS),
+        drop_path: Optional[float] = typer.Option(None, help='Stochastic depth (default: per variant).',
+                                                  rich_help_panel=MODEL_OPTIONS),
+        opt: Optional[str] = typer.Option(None, help='timm optimizer name (default: adamw).',
+                                          rich_help_panel=OPT_OPTIONS),
+        lr: Optional[float] = typer.Option(None, rich_help_panel=OPT_OPTIONS),
+        lr_base_size: Optional[int] = typer.Option(None, help='Scale lr by global batch / this.',
+                                                   rich_help_panel=OPT_OPTIONS),
+        weight_decay: Optional[float] = typer.Option(None, rich_help_panel=OPT_OPTIONS),
+        layer_decay: Optional[float] = typer.Option(None, rich_help_panel=OPT_OPTIONS),
+        sched: Optional[str] = typer.Option(None, help='cosine | poly | step | constant.',
+                                            rich_help_panel=OPT_OPTIONS),
+        warmup_epochs: Optional[float] = typer.Option(None, rich_help_panel=OPT_OPTIONS),
+        min_lr: Optional[float] = typer.Option(None, rich_help_panel=OPT_OPTIONS),
+        clip_grad: Optional[float] = typer.Option(None, help='Gradient-norm clipping.', rich_help_panel=OPT_OPTIONS),
+        accum_steps: Optional[int] = typer.Option(None, help='Gradient accumulation.', rich_help_panel=OPT_OPTIONS),
+        ema: Optional[bool] = typer.Option(None, help='Keep (and evaluate) an EMA of the weights.',
+                                           rich_help_panel=OPT_OPTIONS),
+        amp: Optional[str] = typer.Option(None, help='none | bf16 | fp16 (CUDA).', rich_help_panel=OPT_OPTIONS),
+        channels_last: Optional[bool] = typer.Option(None, rich_help_panel=OPT_OPTIONS),
+        seed: Optional[int] = typer.Option(None, rich_help_panel=OPT_OPTIONS),
+        aa: Optional[str] = typer.Option(None, help='RandAugment policy, e.g. rand-m9-mstd0.5-inc1.',
+                                         rich_help_panel=AUG_OPTIONS),
+        reprob: Optional[float] = typer.Option(None, help='RandomErasing probability.', rich_help_panel=AUG_OPTIONS),
+        mixup: Optional[float] = typer.Option(None, help='Mixup alpha.', rich_help_panel=AUG_OPTIONS),
+        cutmix: Optional[float] = typer.Option(None, help='CutMix alpha.', rich_help_panel=AUG_OPTIONS),
+        smoothing: Optional[float] = typer.Option(None, help='Label smoothing.', rich_help_panel=AUG_OPTIONS),
+        workers: Optional[int] = typer.Option(None, help='Data-loading processes.', rich_help_panel=RUN_OPTIONS),
+        eval_every: Optional[int] = typer.Option(None, help='Epochs (or steps with --iters).',
+                                                 rich_help_panel=RUN_OPTIONS),
+        save_every: Optional[int] = typer.Option(None, help='Also checkpoint every N optimiser steps.',
+                                                 rich_help_panel=RUN_OPTIONS),
+        device: Optional[str] = typer.Option(None, help='auto | cpu | cuda.', rich_help_panel=RUN_OPTIONS),
+):
+    """Train a classifier (the one trainer: resumable, distributed with torchrun, see docs/training.md)."""
+    options = dict(locals())
+    from ..engine import resolve_config, train as run_training
+    from ..tasks.classification import ClassificationConfig, ClassificationTask
+
+    recipe = options.pop('recipe')
+    options['drop_path_rate'] = options.pop('drop_path')
+    options.update(resume=resume or None, overwrite=overwrite or None)
+    if recipe is None and not resume and (data or 'digits') == 'digits':
+        recipe = 'digits'  # the embedded data comes with its recipe
+    train_cfg, task_cfg = resolve_config(ClassificationConfig, options, recipe, aliases={'paper': 'imagenet_paper'})
+    if not train_cfg.out:
+        train_cfg.out = str(Path('runs') / f'{task_cfg.model}-{Path(task_cfg.data).name}')
+    if not (train_cfg.epochs or train_cfg.iters):
+        raise HatNetError('give the length of the run: --epochs N (or --iters N), or a --recipe')
+    result = run_training(ClassificationTask(task_cfg), train_cfg)
+    if _is_main_process():
+        best = result['best']
+        Console().print(f'best val_{best["metric"]} [bold]{best["value"]:.4f}[/] -> {result["run_dir"]}/best.pth')
+
+
+def _evaluation_report(metrics, confusion, names, out_dir: Path, title: str):
+    """Write confusion_matrix.png and per_class.csv to out_dir; return (report dict, per-class rows)."""
+    from ..tasks.classification import per_class_accuracy, plot_confusion_matrix
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_confusion_matrix(confusion, names, out_dir / 'confusion_matrix.png', title)
+    accuracy = per_class_accuracy(confusion)
+    counts = confusion.sum(1).long().tolist()
+    rows = [(name, n, None if n == 0 else float(a)) for name, n, a in zip(names, counts, accuracy)]
+    with open(out_dir / 'per_class.csv', 'w') as f:
+        f.write('class,images,accuracy\n')
+        f.writelines(f'"{name}",{n},{"" if a is None else f"{a:.6f}"}\n' for name, n, a in rows)
+    report = dict(metrics, images=int(confusion.sum().item()),
+                  per_class={name: a for name, n, a in rows if n > 0},
+                  confusion_matrix=str(out_dir / 'confusion_matrix.png'), per_class_csv=str(out_dir / 'per_class.csv'))
+    return report, rows
+
+
+def _print_report(console: Console, report: dict, rows, max_rows: int = 30):
+    summary = Table(title=report.get('title', 'evaluation'))
+    for column in ('images', 'top-1', 'top-5', 'mean class accuracy', 'loss'):
+        summary.add_column(column, justify='right')
+    summary.add_row(f'{report["images"]:,}', f'{100 * report["top1"]:.2f} %', f'{100 * report["top5"]:.2f} %',
+                    f'{100 * report["mean_class_acc"]:.2f} %', f'{report["loss"]:.4f}')
+    console.print(summary)
+    present = sorted((r for r in rows if r[1] > 0), key=lambda r: r[2])
+    table = Table(title='per-class accuracy' + (f' (the {max_rows} lowest)' if len(present) > max_rows else ''))
+    for column in ('class', 'images', 'accuracy'):
+        table.add_column(column, justify='left' if column == 'class' else 'right')
+    for name, n, acc in present[:max_rows]:
+        table.add_row(name, str(n), f'{100 * acc:.1f} %')
+    console.print(table)
+    console.print(f'confusion matrix: {report["confusion_matrix"]}, per-class CSV: {report["per_class_csv"]}')
+
+
+def _resolve_data(data: Optional[str], checkpoint: Path) -> str:
+    """The --data given, or the data the checkpoint's run was trained on."""
+    if data:
+        return data
+    from ..engine import load_run_checkpoint
+    config = load_run_checkpoint(checkpoint).config
+    if not config.get('data'):
+        raise HatNetError('give --data (the checkpoint does not say which data it was trained on)')
+    return config['data']
+
+
+@app.command('eval')
+def evaluate(
+        checkpoint: Path = typer.Option(..., help='Run directory (its best checkpoint), checkpoint file, or an '
+                                                  'original HAT-Net .pth / .safetensors.'),
+        data: Optional[str] = typer.Option(None, help="ImageFolder root or 'digits' (default: the run's data)."),
+        split: str = typer.Option('val', help='Split folder to evaluate.'),
+        model: Optional[str] = typer.Option(None, help='Model name, for weights files of non-HAT-Net models.'),
+        img_size: Optional[int] = typer.Option(None, help="(default: the checkpoint's)"),
+        batch_size: int = typer.Option(64),
+        workers: int = typer.Option(2),
+        out: Optional[Path] = typer.Option(None, help='Folder for confusion_matrix.png and per_class.csv '
+                                                      '(default: the run directory, else ./eval).'),
+        json_output: bool = typer.Option(False, '--json', help='Print one JSON object (top1, top5 as fractions).'),
+        device: str = typer.Option('auto', help='auto | cpu | cuda.'),
+):
+    """Top-1 / top-5, per-class accuracy and a confusion-matrix PNG (timm eval transform: resize, centre crop)."""
+    from ..engine.distributed import resolve_device
+    from ..tasks.classification import evaluate_classifier, load_classifier
+
+    data = _resolve_data(data, checkpoint)
+    classifier = load_classifier(checkpoint, model, img_size, resolve_device(device))
+    metrics, confusion, names = evaluate_classifier(classifier, data, split, batch_size, workers)
+    out = out or (checkpoint / f'eval-{Path(data).name}-{split}' if checkpoint.is_dir() else Path('eval'))
+    title = f'{classifier.model_name} on {data}/{split}'
+    report, rows = _evaluation_report(metrics, confusion, names, out, title)
+    if json_output:
+        print(json.dumps(report))
+    else:
+        _print_report(Console(), dict(report, title=title), rows)
+
+
+@app.command('predict')
+def predict_command(
+        images: List[Path] = typer.Argument(..., help='Image files.'),
+        checkpoint: Path = typer.Option(..., help='Run directory, checkpoint file, or original HAT-Net .pth.'),
+        model: Optional[str] = typer.Option(None, help='Model name, for weights files of non-HAT-Net models.'),
+        top_k: int = typer.Option(5, help='Classes per image.'),
+        img_size: Optional[int] = typer.Option(None, help="(default: the checkpoint's)"),
+        json_output: bool = typer.Option(False, '--json', help='Print JSON instead of a table.'),
+        device: str = typer.Option('auto', help='auto | cpu | cuda.'),
+):
+    """Top-k classes with names for each image (dataset names from our checkpoints, ImageNet names offline)."""
+    import torch
+
+    from ..data.classification import read_image
+    from ..engine.distributed import resolve_device
+    from ..tasks.classification import eval_transform, load_classifier, predict
+
+    classifier = load_classifier(checkpoint, model, img_size, resolve_device(device))
+    transform = eval_transform(classifier.data_config)
+    batch = torch.stack([transform(read_image(path)) for path in images])
+    results = predict(classifier, batch, top_k)
+    if json_output:
+        print(json.dumps([dict(image=str(path), predictions=[dict(index=i, name=name, probability=p)
+                                                             for i, name, p in top])
+                          for path, top in zip(images, results)]))
+        return
+    table = Table(title=f'{classifier.model_name}: top-{top_k}')
+    for column in ('image', 'rank', 'class', 'probability'):
+        table.add_column(column, justify='right' if column in ('rank', 'probability') else 'left')
+    for path, top in zip(images, results):
+        for rank, (i, name, p) in enumerate(top, 1):
+            table.add_row(str(path) if rank == 1 else '', str(rank), f'{name} [dim]({i})[/]', f'{100 * p:.2f} %',
+                          end_section=rank == len(top))
+    Console().print(table)
+
+
+@app.command()
+def attention(
+        image: Path = typer.Argument(..., help='Image file.'),
+        checkpoint: Path = typer.Option(..., help='Run directory, checkpoint file, or original HAT-Net .pth.'),
+        block: str = typer.Option('0.0', help='STAGE.BLOCK, e.g. 1.0 for the first block of the second stage.'),
+        query: Optional[str] = typer.Option(None, help='X,Y pixel of the (resized, cropped) model input that asks '
+                                                       '(default: the centre).'),
+        out: Path = typer.Option(Path('attention.png'), help='Output PNG.'),
+        model: Optional[str] = typer.Option(None, help='Model name, for weights files.'),
+        img_size: Optional[int] = typer.Option(None, help="(default: the checkpoint's)"),
+        device: str = typer.Option('auto', help='auto | cpu | cuda.'),
+):
+    """Where one query location looks in an H-MHSA block: the local (grid) step and the global (pooled) step."""
+    import numpy as np
+
+    from ..data.classification import read_image
+    from ..engine.distributed import resolve_device
+    from ..tasks.classification import (
+        attention_blocks, attention_probabilities, eval_transform, load_classifier, plot_attention)
+
+    classifier = load_classifier(checkpoint, model, img_size, resolve_device(device))
+    blocks = attention_blocks(classifier.model)
+    try:
+        stage, index = (int(v) for v in block.split('.'))
+    except ValueError:
+        raise HatNetError(f'--block must be STAGE.BLOCK, e.g. 0.1; got {block!r}') from None
+    if (stage, index) not in blocks:
+        depths = [sum(1 for s, _ in blocks if s == i) for i in range(blocks[-1][0] + 1)]
+        raise HatNetError(f'--block {block}: the model has {len(depths)} stages with {depths} blocks (0-based)')
+    tensor = eval_transform(classifier.data_config)(read_image(image))
+    height, width = tensor.shape[-2:]
+    try:
+        x, y = (float(v) for v in query.split(',')) if query else ((width - 1) / 2, (height - 1) / 2)
+    except ValueError:
+        raise HatNetError(f'--query must be X,Y in pixels, got {query!r}') from None
+    if not (0 <= x < width and 0 <= y < height):
+        raise HatNetError(f'--query {query} is outside the {width}x{height} model input')
+
+    result = attention_probabilities(classifier.model, tensor, stage, index, (x, y))
+    mean = np.array(classifier.data_config['mean'])[:, None, None]
+    std = np.array(classifier.data_config['std'])[:, None, None]
+    picture = np.clip(tensor.numpy() * std + mean, 0, 1).transpose(1, 2, 0)
+    rows, cols = result['map_size']
+    plot_attention(picture, result, out, f'{classifier.model_name} stage {stage} block {index}: query token '
+                                         f'{result["query"]} of {rows}x{cols} (mean over the heads)')
+    Console().print(f'wrote {out}')
+
+
+def _fresh_dir(base: Path) -> Path:
+    """base, or base-2, base-3, ... : the first that does not exist yet."""
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f'{base.name}-{n}')
+    return candidate
+
+
+@app.command()
+def demo(
+        out: Optional[Path] = typer.Option(None, help='Run directory (default: ./hatnet-demo, -2, -3, ... if taken).'),
+        epochs: Optional[int] = typer.Option(None, help='(default: the digits recipe\'s)'),
+        device: str = typer.Option('auto', help='auto | cpu | cuda.'),
+):
+    """Train HAT-Net-Tiny on the embedded handwritten digits (a few minutes on a CPU, no download)."""
+    from ..engine import resolve_config, train as run_training
+    from ..engine.distributed import resolve_device
+    from ..tasks.classification import ClassificationConfig, ClassificationTask, evaluate_classifier, load_classifier
+
+    console = Console()
+    out = out or _fresh_dir(Path('hatnet-demo'))
+    train_cfg, task_cfg = resolve_config(
+        ClassificationConfig, dict(out=str(out), epochs=epochs, device=device, data='digits', model='hat_net_tiny'),
+        recipe='digits')
+    console.print(f'[bold]hatnet demo[/]: {task_cfg.model} on the embedded handwritten digits '
+                  f'(1,437 training / 360 validation images, {task_cfg.img_size or 32} px), {train_cfg.epochs} epochs')
+    start = time.time()
+    result = run_training(ClassificationTask(task_cfg), train_cfg)
+    minutes = (time.time() - start) / 60
+    classifier = load_classifier(out, device=resolve_device(device))
+    metrics, confusion, names = evaluate_classifier(classifier, 'digits', 'val', workers=0)
+    report, rows = _evaluation_report(metrics, confusion, names, out, 'hat_net_tiny on the digits (validation)')
+    console.print(f'\nvalidation accuracy [bold green]{100 * metrics["top1"]:.2f} %[/] '
+                  f'(best checkpoint, step {result["best"]["step"]}) after {minutes:.1f} min of training')
+    console.print(f'curves: {out / "curves.png"}, confusion matrix: {out / "confusion_matrix.png"}, '
+                  f'metrics: {out / "metrics.csv"}')
