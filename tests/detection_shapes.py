@@ -44,7 +44,8 @@ def _write_split(root, split, count, size, radius, max_shapes, rng, first_ann_id
         for _ in range(num_shapes):
             category_id = int(rng.choice([c['id'] for c in CATEGORIES]))
             r = rng.uniform(*radius) * min(height, width)
-            cx, cy = rng.uniform(1.2 * r, width - 1.2 * r), rng.uniform(1.2 * r, height - 1.2 * r)  # rectangles reach 1.17 r
+            margin = 1.2 * r  # rectangle corners reach 1.17 r from the centre
+            cx, cy = rng.uniform(margin, width - margin), rng.uniform(margin, height - margin)
             polygon = _shape_polygon(category_id, cx, cy, r, rng.uniform(0, math.pi))
             colour = tuple(int(np.clip(v + rng.integers(-25, 26), 0, 255)) for v in COLOURS[category_id])
             draw.polygon(polygon, fill=colour)

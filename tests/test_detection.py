@@ -10,6 +10,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from detection_shapes import write_shapes_dataset
+from test_engine import one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 from hatnet.cli import main
 from hatnet.data.detection import CocoDetection, collate, detection_transforms
 from hatnet.errors import CheckpointError, HatNetError
@@ -19,13 +20,6 @@ from hatnet.tasks.detection import (
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # on a shared 2-core machine two intra-op threads per process spin against other processes' threads
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 @pytest.fixture(scope='module')
 def shapes(tmp_path_factory):
     return write_shapes_dataset(tmp_path_factory.mktemp('shapes'), train=6, val=3, size=(64, 80))
@@ -91,7 +85,8 @@ def test_any_timm_backbone_and_inference_limits():
 @pytest.mark.parametrize('arch', ['retinanet', 'maskrcnn'])
 def test_a_few_steps_lower_the_loss(shapes, arch):
     torch.manual_seed(0)
-    task = DetectionTask(DetectionConfig(arch=arch, data=str(shapes), min_size=64, max_size=80, hflip=0.))
+    task = DetectionTask(DetectionConfig(arch=arch, data=str(shapes), min_size=64, max_size=80, hflip=0.,
+                                         roi_batch_size=64))
     model = task.build_model().train()
     batch = collate([task.build_datasets()[0][i] for i in range(2)])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
@@ -145,8 +140,10 @@ def test_default_recipe_per_arch_and_rescaled_schedule():
     train_cfg, task_cfg = detection_configs(dict(arch='maskrcnn', data='d', out='o', iters=300))
     assert (task_cfg.arch, train_cfg.lr, train_cfg.weight_decay) == ('maskrcnn', 2e-4, 1e-4)
     assert (train_cfg.epochs, train_cfg.iters, train_cfg.decay_milestones) == (0, 300, [200, 275])
+    assert train_cfg.eval_every == 25  # 12 evaluations, as in the 12-epoch recipe
     train_cfg, task_cfg = detection_configs(dict(data='d', out='o', epochs=24))
     assert (task_cfg.arch, train_cfg.lr, train_cfg.decay_milestones) == ('retinanet', 1e-4, [16, 22])
+    assert train_cfg.eval_every == 1
     train_cfg, _ = detection_configs(dict(data='d', out='o'))
     assert (train_cfg.epochs, train_cfg.decay_milestones, train_cfg.batch_size) == (12, [8, 11], 2)
 
@@ -166,7 +163,7 @@ def runs(shapes, tmp_path_factory):
     """One short training run per detector, through the command line."""
     out = tmp_path_factory.mktemp('runs')
     for arch in ('retinanet', 'maskrcnn'):
-        run(['det', 'train', '--arch', arch, '--data', str(shapes), '--out', str(out / arch), '--iters', '2',
+        run(['det', 'train', '--arch', arch, '--data', str(shapes), '--out', str(out / arch), '--iters', '1',
               '--batch-size', '2', '--min-size', '64', '--max-size', '80', '--workers', '0', '--device', 'cpu'])
     return out
 

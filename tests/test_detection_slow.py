@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 from detection_shapes import write_shapes_dataset
 from hatnet.engine import find_recipe, load_recipe
 from hatnet.tasks.detection import DetectionConfig, DetectionTask
-from test_detection import one_thread, run  # noqa: F401  (fixture)
+from test_detection import run
+from test_engine import one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +31,8 @@ def test_short_training_lifts_ap_above_an_untrained_model(tmp_path, arch, capsys
     keys = ['bbox_AP', 'segm_AP'] if arch == 'maskrcnn' else ['bbox_AP']
 
     torch.manual_seed(0)
-    task = DetectionTask(DetectionConfig(**{k: v for k, v in recipe.items() if k in DetectionConfig.__dataclass_fields__},
-                                         data=str(data)))
+    task_keys = DetectionConfig.__dataclass_fields__
+    task = DetectionTask(DetectionConfig(**{k: v for k, v in recipe.items() if k in task_keys}, data=str(data)))
     val_loader = DataLoader(task.build_datasets()[1], batch_size=8, collate_fn=task.collate_fn)
     untrained = task.evaluate(task.build_model(), val_loader, torch.device('cpu'))
 

@@ -5,7 +5,8 @@ backbone) run forward + backward + AdamW step on a synthetic batch of 1333x800 i
 masks) each. The models are timed interleaved, so a busy machine slows both alike; the table gives the mean,
 the spread, and the ratio to ResNet-50 measured in the same run.
 
-    PYTHONPATH=src python tools/bench_detection.py [--batch-size 2] [--repeats 3] [--models hat_net_tiny resnet50]
+    PYTHONPATH=src python tools/bench_detection.py [--batch-size 2] [--repeats 3] [--threads N]
+        [--models hat_net_tiny resnet50]
 """
 import argparse
 import statistics
@@ -44,7 +45,10 @@ def main():
     parser.add_argument('--repeats', type=int, default=3, help='timed iterations per model (after one warm-up)')
     parser.add_argument('--models', nargs='+', default=['hat_net_tiny', 'resnet50'], help='first: the one compared')
     parser.add_argument('--archs', nargs='+', default=['retinanet', 'maskrcnn'])
+    parser.add_argument('--threads', type=int, default=0, help="intra-op threads (0: PyTorch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     runs = {}
     for arch in args.archs:

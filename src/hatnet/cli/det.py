@@ -18,21 +18,26 @@ CHECKPOINT_HELP = 'Run directory (its best checkpoint) or checkpoint file.'
 def train_cmd(
         arch: Optional[str] = typer.Option(None, help=ARCH_HELP + ' [default: retinanet]'),
         data: Optional[Path] = typer.Option(None, help='Dataset folder in the COCO 2017 layout.'),
-        model: Optional[str] = typer.Option(None, help='Backbone: a hat_net variant or any timm model. [default: hat_net_tiny]'),
+        model: Optional[str] = typer.Option(
+            None, help='Backbone: a hat_net variant or any timm model. [default: hat_net_tiny]'),
         out: Optional[Path] = typer.Option(None, help='Run directory.'),
         recipe: Optional[str] = typer.Option(None, help='Recipe file or bundled name. [default: coco_ARCH_1x]'),
         epochs: Optional[int] = typer.Option(None, help="Train for N epochs (the recipe's lr steps scale along)."),
-        iters: Optional[int] = typer.Option(None, help="Train for N optimiser steps (the recipe's lr steps scale along)."),
+        iters: Optional[int] = typer.Option(
+            None, help="Train for N optimiser steps (the recipe's lr steps scale along)."),
         batch_size: Optional[int] = typer.Option(None, help='Images per step and process.'),
         lr: Optional[float] = typer.Option(None, help='Learning rate.'),
         min_size: Optional[int] = typer.Option(None, help='Shorter image side. [default: 800]'),
         max_size: Optional[int] = typer.Option(None, help='Cap on the longer image side. [default: 1333]'),
-        multi_scale: Optional[str] = typer.Option(None, help='Training: shorter sides to draw from, e.g. 640,672,704,736,768,800.'),
-        pretrained: Optional[Path] = typer.Option(None, help='ImageNet checkpoint for the backbone (original .pth or .safetensors).'),
+        multi_scale: Optional[str] = typer.Option(
+            None, help='Training: shorter sides to draw from, e.g. 640,672,704,736,768,800.'),
+        pretrained: Optional[Path] = typer.Option(
+            None, help='ImageNet checkpoint for the backbone (original .pth or .safetensors).'),
         frozen_stages: Optional[int] = typer.Option(None, help='Freeze the backbone stem and first N stages.'),
         train_split: Optional[str] = typer.Option(None, help='Training split name. [default: train2017]'),
         val_split: Optional[str] = typer.Option(None, help='Validation split name. [default: val2017]'),
         workers: Optional[int] = typer.Option(None, help='Data-loading processes.'),
+        threads: Optional[int] = typer.Option(None, help="Intra-op CPU threads per process (0: PyTorch's default)."),
         amp: Optional[str] = typer.Option(None, help='none | bf16 | fp16 (CUDA).'),
         eval_every: Optional[int] = typer.Option(None, help='Evaluate every N epochs (iteration runs: steps).'),
         seed: Optional[int] = typer.Option(None, help='Random seed.'),
@@ -48,8 +53,8 @@ def train_cmd(
         arch=arch, data=str(data) if data else None, model=model, out=str(out) if out else None, epochs=epochs,
         iters=iters, batch_size=batch_size, lr=lr, min_size=min_size, max_size=max_size,
         multi_scale=_int_list(multi_scale, '--multi-scale'), pretrained=str(pretrained) if pretrained else None,
-        frozen_stages=frozen_stages, train_split=train_split, val_split=val_split, workers=workers, amp=amp,
-        eval_every=eval_every, seed=seed, device=device, resume=resume or None, overwrite=overwrite or None)
+        frozen_stages=frozen_stages, train_split=train_split, val_split=val_split, workers=workers, threads=threads,
+        amp=amp, eval_every=eval_every, seed=seed, device=device, resume=resume or None, overwrite=overwrite or None)
     train_cfg, task_cfg = detection_configs(options, recipe)
     train(DetectionTask(task_cfg), train_cfg)
 

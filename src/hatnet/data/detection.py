@@ -138,6 +138,9 @@ def load_coco_json(images_dir: Path, path: Path, with_masks: bool = False) -> Tu
         if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
             raise DatasetError(f'{path}: {what} has bbox {box!r}; expected [x, y, width, height]')
         x, y, w, h = box
+        # COCOeval needs both; fill them in the way COCO defines them when a file leaves them out
+        ann.setdefault('iscrowd', 0)
+        ann.setdefault('area', max(w, 0) * max(h, 0))
         if w <= 0 or h <= 0:
             skipped['boxes with non-positive size'] += 1
             continue
@@ -145,11 +148,8 @@ def load_coco_json(images_dir: Path, path: Path, with_masks: bool = False) -> Tu
                 or y + h > image['height'] + BORDER_TOLERANCE):
             raise DatasetError(f'{path}: {what} has bbox [x, y, w, h] = {box}, outside the '
                                f'{image["width"]}x{image["height"]} image')
-        if with_masks and not ann.get('iscrowd', 0):
+        if with_masks and not ann['iscrowd']:
             _check_segmentation(ann, image, path)
-        # COCOeval needs both; fill them in the way COCO defines them when a file leaves them out
-        ann.setdefault('iscrowd', 0)
-        ann.setdefault('area', w * h)
     _check_image_files(images_dir, data['images'])
 
     coco = COCO()

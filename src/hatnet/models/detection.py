@@ -102,13 +102,12 @@ def timm_features(
     return body
 
 
-def _detector_kwargs(body: nn.Module, min_size: int, max_size: int) -> dict:
-    """Arguments of torchvision's GeneralizedRCNNTransform shared by both detectors."""
+def _transform_kwargs(body: nn.Module, kwargs: dict) -> dict:
+    """``kwargs`` plus the backbone's normalisation for torchvision's GeneralizedRCNNTransform."""
     config = timm.data.resolve_model_data_config(body)
     # _skip_resize: training images come resized by the data pipeline (torchvision's own references do this
-    # for their transforms-v2 multi-scale pipelines); inference still resizes to min_size/max_size.
-    return dict(min_size=min_size, max_size=max_size, image_mean=list(config['mean']),
-                image_std=list(config['std']), _skip_resize=True)
+    # for their transforms-v2 multi-scale pipelines); inference still resizes to min_size / max_size.
+    return dict(dict(image_mean=list(config['mean']), image_std=list(config['std']), _skip_resize=True), **kwargs)
 
 
 def retinanet_hat_net(
@@ -117,10 +116,6 @@ def retinanet_hat_net(
         pretrained_backbone: Optional[str] = None,
         frozen_stages: int = 0,
         drop_path_rate: float = 0.1,
-        min_size: int = 800,
-        max_size: int = 1333,
-        score_thresh: float = 0.05,
-        detections_per_img: int = 100,
         **kwargs,
 ) -> RetinaNet:
     """RetinaNet with a timm backbone: stages 2-4 -> FPN with P6/P7 -> torchvision RetinaNet head and loss.
@@ -131,17 +126,14 @@ def retinanet_hat_net(
         pretrained_backbone: ImageNet checkpoint file for the backbone.
         frozen_stages: freeze the backbone's stem and first N stages.
         drop_path_rate: stochastic depth of the backbone.
-        min_size, max_size: inference resize (shorter side, cap on the longer side).
-        score_thresh: at inference, drop detections scoring below this.
-        detections_per_img: at inference, keep at most this many detections per image.
-        **kwargs: passed to torchvision's ``RetinaNet`` (anchor_generator, nms_thresh, ...).
+        **kwargs: passed to torchvision's ``RetinaNet``: min_size / max_size (inference resize, 800 / 1333),
+            score_thresh (0.05), detections_per_img (here 100, COCO's limit), anchor_generator, nms_thresh, ...
     """
     body = timm_features(backbone, (-3, -2, -1), pretrained_backbone, frozen_stages, drop_path_rate)
     # P6/P7 from the last backbone stage (C5), PVT's and mmdetection's 'on_input' extra convs
     extra_levels = LastLevelP6P7(body.feature_info.channels()[-1], FPN_CHANNELS)
-    return RetinaNet(
-        TimmBackboneWithFPN(body, extra_levels), num_classes, score_thresh=score_thresh,
-        detections_per_img=detections_per_img, **_detector_kwargs(body, min_size, max_size), **kwargs)
+    kwargs.setdefault('detections_per_img', 100)
+    return RetinaNet(TimmBackboneWithFPN(body, extra_levels), num_classes, **_transform_kwargs(body, kwargs))
 
 
 def maskrcnn_hat_net(
@@ -150,20 +142,15 @@ def maskrcnn_hat_net(
         pretrained_backbone: Optional[str] = None,
         frozen_stages: int = 0,
         drop_path_rate: float = 0.1,
-        min_size: int = 800,
-        max_size: int = 1333,
-        score_thresh: float = 0.05,
-        detections_per_img: int = 100,
         **kwargs,
 ) -> MaskRCNN:
-    """Mask R-CNN with a timm backbone: stages 1-4 -> FPN with max-pooled P6 -> torchvision RPN, RoI heads.
+    """Mask R-CNN with a timm backbone: stages 1-4 -> FPN with max-pooled P6 -> torchvision RPN and RoI heads.
 
-    Arguments as in :func:`retinanet_hat_net`; ``**kwargs`` go to torchvision's ``MaskRCNN``.
+    Arguments as in :func:`retinanet_hat_net`; ``**kwargs`` go to torchvision's ``MaskRCNN``: min_size /
+    max_size, box_score_thresh (0.05), box_detections_per_img (100), box_batch_size_per_image (512), ...
     """
     body = timm_features(backbone, (-4, -3, -2, -1), pretrained_backbone, frozen_stages, drop_path_rate)
-    return MaskRCNN(
-        TimmBackboneWithFPN(body, LastLevelMaxPool()), num_classes, box_score_thresh=score_thresh,
-        box_detections_per_img=detections_per_img, **_detector_kwargs(body, min_size, max_size), **kwargs)
+    return MaskRCNN(TimmBackboneWithFPN(body, LastLevelMaxPool()), num_classes, **_transform_kwargs(body, kwargs))
 
 
 ARCHS = {'retinanet': retinanet_hat_net, 'maskrcnn': maskrcnn_hat_net}

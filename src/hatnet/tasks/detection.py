@@ -118,12 +118,15 @@ def iou_types(arch: str) -> Tuple[str, ...]:
 
 def build_detector(config: DetectionConfig, num_classes: int, pretrained: bool = False) -> nn.Module:
     """The detector a config describes (``pretrained``: load ``config.pretrained`` into the backbone)."""
-    extra = dict(box_batch_size_per_image=config.roi_batch_size) if config.arch == 'maskrcnn' else {}
+    if config.arch == 'maskrcnn':
+        inference = dict(box_score_thresh=config.score_thresh, box_detections_per_img=config.detections_per_img,
+                         box_batch_size_per_image=config.roi_batch_size)
+    else:
+        inference = dict(score_thresh=config.score_thresh, detections_per_img=config.detections_per_img)
     return create_detector(
         config.arch, num_classes, backbone=config.model, pretrained_backbone=config.pretrained if pretrained else None,
         frozen_stages=config.frozen_stages, drop_path_rate=config.drop_path_rate, min_size=config.min_size,
-        max_size=config.max_size, score_thresh=config.score_thresh, detections_per_img=config.detections_per_img,
-        **extra)
+        max_size=config.max_size, **inference)
 
 
 @dataclass
@@ -223,16 +226,21 @@ def detection_configs(options: Dict[str, Any], recipe: Optional[str] = None) -> 
 
     A length given in ``options`` (epochs or iters) replaces the recipe's, and the recipe's lr steps move to
     the same fractions of the new length: ``--epochs 24`` turns the 1x steps at 8 and 11 into 16 and 22 (the
-    2x schedule), ``--iters 300`` into steps 200 and 275. ``resume`` reads the run's own config.yaml.
+    2x schedule), ``--iters 300`` into steps 200 and 275; an epoch recipe's evaluation interval becomes the same
+    fraction of an iteration run (every 25 of 300 steps). ``resume`` reads the run's own config.yaml.
     """
     options = {k: v for k, v in options.items() if v is not None}
-    if options.get('resume') or options.get('epochs') is None and options.get('iters') is None:
-        recipe = recipe or (None if options.get('resume') else f'coco_{options.get("arch", "retinanet")}_1x')
+    recipe = recipe or (None if options.get('resume') else f'coco_{options.get("arch", "retinanet")}_1x')
+    new_length = options.get('epochs') or options.get('iters')
+    if options.get('resume') or not new_length:
         return resolve_config(DetectionConfig, options, recipe=recipe)
-    values = load_recipe(find_recipe(recipe or f'coco_{options.get("arch", "retinanet")}_1x'))
-    length, new_length = values.get('epochs') or values.get('iters'), options.get('epochs') or options.get('iters')
-    if length and new_length and values.get('decay_milestones'):
-        values['decay_milestones'] = [max(1, round(m * new_length / length)) for m in values['decay_milestones']]
+    values = load_recipe(find_recipe(recipe))
+    length = values.get('epochs') or values.get('iters')
+    if length:
+        scale = new_length / length
+        values['decay_milestones'] = [max(1, round(m * scale)) for m in values.get('decay_milestones', [])]
+        if values.get('epochs') and options.get('iters'):
+            values['eval_every'] = max(1, round(values.get('eval_every', 1) * scale))
     values.update(epochs=0, iters=0)
     return build_configs({**values, **options}, DetectionConfig)
 
