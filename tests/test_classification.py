@@ -19,17 +19,9 @@ from hatnet.models.hat_net import grid_attention
 from hatnet.reference import reference_state_dict
 from hatnet.tasks.classification import (
     ClassificationTask, attention_probabilities, confusion_matrix, per_class_accuracy, summarize)
+from test_engine import one_thread  # noqa: F401  (autouse fixture: one intra-op thread for small models)
 
 COLOURS = {'blue': (40, 60, 220), 'green': (40, 200, 60), 'red': (220, 40, 40)}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # small models on a shared machine: one intra-op thread avoids thread hand-off costs
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_image_folder(root: Path, per_class=(12, 4), size=40, seed=0):

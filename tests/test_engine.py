@@ -1,5 +1,6 @@
 """The trainer on a toy task: optimisation, exact resume, DDP, schedules, run-directory rules."""
 import csv
+import math
 import os
 import random
 import socket
@@ -286,7 +287,10 @@ def test_recipes_split_coerce_and_reject_unknown_keys(tmp_path):
 def test_resume_reads_the_runs_own_config(tmp_path):
     run = tmp_path / 'run'
     train(ToyTask(ToyConfig(n_train=48)), _cfg(run, iters=4))
-    train_cfg, toy_cfg = resolve_config(ToyConfig, {'out': str(run), 'resume': True, 'iters': 8})
+    train_cfg, toy_cfg = resolve_config(ToyConfig, {'out': str(run), 'resume': True, 'iters': 8, 'eval_every': 2})
     assert toy_cfg.n_train == 48 and train_cfg.iters == 8 and train_cfg.lr == 0.05 and train_cfg.resume
     train(ToyTask(toy_cfg), train_cfg)
-    assert [r['step'] for r in _rows(run)] == ['4', '8']
+    rows = _rows(run)
+    assert [r['step'] for r in rows] == ['4', '6', '8']
+    # the longer run follows the 8-step cosine (the 4-step one would be at its floor, 0, by now)
+    assert float(rows[1]['lr']) == pytest.approx(0.05 * (1 + math.cos(math.pi * 6 / 8)) / 2)

@@ -1,4 +1,5 @@
 """``hatnet train / eval / predict / attention / demo``: image classification."""
+import csv
 import json
 import os
 import time
@@ -113,9 +114,10 @@ def _evaluation_report(metrics, confusion, names, out_dir: Path, title: str):
     accuracy = per_class_accuracy(confusion)
     counts = confusion.sum(1).long().tolist()
     rows = [(name, n, None if n == 0 else float(a)) for name, n, a in zip(names, counts, accuracy)]
-    with open(out_dir / 'per_class.csv', 'w') as f:
-        f.write('class,images,accuracy\n')
-        f.writelines(f'"{name}",{n},{"" if a is None else f"{a:.6f}"}\n' for name, n, a in rows)
+    with open(out_dir / 'per_class.csv', 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(['class', 'images', 'accuracy'])
+        writer.writerows([name, n, '' if a is None else f'{a:.6f}'] for name, n, a in rows)
     report = dict(metrics, images=int(confusion.sum().item()),
                   per_class={name: a for name, n, a in rows if n > 0},
                   confusion_matrix=str(out_dir / 'confusion_matrix.png'), per_class_csv=str(out_dir / 'per_class.csv'))
@@ -139,17 +141,6 @@ def _print_report(console: Console, report: dict, rows, max_rows: int = 30):
     console.print(f'confusion matrix: {report["confusion_matrix"]}, per-class CSV: {report["per_class_csv"]}')
 
 
-def _resolve_data(data: Optional[str], checkpoint: Path) -> str:
-    """The --data given, or the data the checkpoint's run was trained on."""
-    if data:
-        return data
-    from ..engine import load_run_checkpoint
-    config = load_run_checkpoint(checkpoint).config
-    if not config.get('data'):
-        raise HatNetError('give --data (the checkpoint does not say which data it was trained on)')
-    return config['data']
-
-
 @app.command('eval')
 def evaluate(
         checkpoint: Path = typer.Option(..., help='Run directory (its best checkpoint), checkpoint file, or an '
@@ -161,7 +152,8 @@ def evaluate(
         batch_size: int = typer.Option(64),
         workers: int = typer.Option(2),
         out: Optional[Path] = typer.Option(None, help='Folder for confusion_matrix.png and per_class.csv '
-                                                      '(default: the run directory, else ./eval).'),
+                                                      '(default: RUN/eval-DATA-SPLIT for a run directory, '
+                                                      'else ./eval).'),
         json_output: bool = typer.Option(False, '--json', help='Print one JSON object (top1, top5 as fractions).'),
         device: str = typer.Option('auto', help='auto | cpu | cuda.'),
 ):
@@ -169,8 +161,10 @@ def evaluate(
     from ..engine.distributed import resolve_device
     from ..tasks.classification import evaluate_classifier, load_classifier
 
-    data = _resolve_data(data, checkpoint)
     classifier = load_classifier(checkpoint, model, img_size, resolve_device(device))
+    data = data or classifier.trained_data
+    if not data:
+        raise HatNetError(f'give --data: {checkpoint} does not say which data it was trained on')
     metrics, confusion, names = evaluate_classifier(classifier, data, split, batch_size, workers)
     out = out or (checkpoint / f'eval-{Path(data).name}-{split}' if checkpoint.is_dir() else Path('eval'))
     title = f'{classifier.model_name} on {data}/{split}'
@@ -291,13 +285,13 @@ def demo(
         ClassificationConfig, dict(out=str(out), epochs=epochs, device=device, data='digits', model='hat_net_tiny'),
         recipe='digits')
     console.print(f'[bold]hatnet demo[/]: {task_cfg.model} on the embedded handwritten digits '
-                  f'(1,437 training / 360 validation images, {task_cfg.img_size or 32} px), {train_cfg.epochs} epochs')
+                  f'(1,437 training / 360 validation images, {task_cfg.img_size} px), {train_cfg.epochs} epochs')
     start = time.time()
     result = run_training(ClassificationTask(task_cfg), train_cfg)
     minutes = (time.time() - start) / 60
     classifier = load_classifier(out, device=resolve_device(device))
     metrics, confusion, names = evaluate_classifier(classifier, 'digits', 'val', workers=0)
-    report, rows = _evaluation_report(metrics, confusion, names, out, 'hat_net_tiny on the digits (validation)')
+    _evaluation_report(metrics, confusion, names, out, 'hat_net_tiny on the digits (validation)')
     console.print(f'\nvalidation accuracy [bold green]{100 * metrics["top1"]:.2f} %[/] '
                   f'(best checkpoint, step {result["best"]["step"]}) after {minutes:.1f} min of training')
     console.print(f'curves: {out / "curves.png"}, confusion matrix: {out / "confusion_matrix.png"}, '

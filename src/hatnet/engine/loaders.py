@@ -15,6 +15,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from timm.utils import random_seed
 from torch.utils.data import Dataset, DistributedSampler, Sampler, get_worker_info
 
 from ..errors import HatNetError
@@ -56,12 +57,6 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
 
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 class SeededDataset(Dataset):
     """Wraps a training dataset: sample ``index`` of epoch ``epoch`` is drawn with the python, numpy and torch
     generators seeded from ``(seed, epoch, index)``. In the main process (``workers: 0``) the generators'
@@ -79,7 +74,7 @@ class SeededDataset(Dataset):
         in_worker = get_worker_info() is not None
         if not in_worker:
             saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        _seed_all(_sample_seed(self.seed, self.epoch, index))
+        random_seed(_sample_seed(self.seed, self.epoch, index))
         try:
             return self.dataset[index]
         finally:

@@ -34,7 +34,7 @@ import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 import yaml
@@ -181,13 +181,13 @@ class Trainer:
         cfg = self.cfg
         per_epoch = self.steps_per_epoch if cfg.epochs else 1
         milestones = [m * per_epoch for m in cfg.decay_milestones]
+        warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch) + cfg.warmup_iters
         sched = {'step': 'multistep'}.get(cfg.sched, cfg.sched)
         try:
             scheduler, _ = create_scheduler_v2(
                 self.optimizer, sched=sched, num_epochs=self.total_steps, decay_milestones=milestones,
                 decay_rate=cfg.poly_power if sched == 'poly' else cfg.decay_rate, min_lr=cfg.min_lr,
-                warmup_lr=cfg.warmup_lr, warmup_epochs=round(cfg.warmup_epochs * self.steps_per_epoch) + cfg.warmup_iters,
-                step_on_epochs=False, updates_per_epoch=1)
+                warmup_lr=cfg.warmup_lr, warmup_epochs=warmup_steps, step_on_epochs=False, updates_per_epoch=1)
         except ValueError as e:
             raise HatNetError(f'learning-rate schedule: {e}') from None
         if scheduler is None:
@@ -359,7 +359,8 @@ class Trainer:
             raise CheckpointError(f'{path} is a {state["task"]} run, not a {self.task.name} one')
         load_weights(self.model, state['model'], source=str(path))
         self.optimizer.load_state_dict(state['optimizer'])
-        self.scheduler.load_state_dict(state['scheduler'])
+        # the schedule is a function of the step and the settings: it is rebuilt, not loaded, so that a resumed
+        # run may change its length (e.g. --epochs 400 to continue a 300-epoch run)
         self.scaler.load_state_dict(state['scaler'])
         if self.ema is not None and state['ema'] is not None:
             self.ema.module.load_state_dict(state['ema'])

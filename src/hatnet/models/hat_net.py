@@ -37,6 +37,7 @@ DistributedDataParallel without ``find_unused_parameters`` and gradient checks r
 """
 import re
 from dataclasses import dataclass
+from urllib.error import URLError
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -604,14 +605,20 @@ def _create_hat_net(variant: str, pretrained: bool = False, **kwargs) -> HatNet:
         kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=read_state_dict(overlay['file']))
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
     model_args = dict(_COMMON_ARGS, **VARIANT_ARGS[variant])
-    return build_model_with_cfg(
-        HatNet,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
-        **dict(model_args, **kwargs),
-    )
+    try:
+        return build_model_with_cfg(
+            HatNet,
+            variant,
+            pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
+            **dict(model_args, **kwargs),
+        )
+    except URLError as e:
+        url = default_cfgs[variant].default.url
+        raise CheckpointError(
+            f'could not download the {variant} weights from {url} ({e.reason}); download the file and pass '
+            f'pretrained_cfg_overlay=dict(file=PATH)') from None
 
 
 @dataclass

@@ -270,6 +270,7 @@ class Classifier:
     class_names: List[str]                 # one per output: trained classes, ImageNet's, or the indices
     data_config: Dict[str, Any]
     trained_classes: Optional[List[str]]   # the classes of the data it was trained on (our checkpoints)
+    trained_data: Optional[str] = None     # that data ('digits' or a folder), if known
 
 
 def load_classifier(checkpoint, model_name: Optional[str] = None, img_size: Optional[int] = None,
@@ -304,7 +305,7 @@ def load_classifier(checkpoint, model_name: Optional[str] = None, img_size: Opti
         trained_classes = None
         data_config = eval_data_config(model_name, img_size or default_img_size(model_name))
     return Classifier(model.to(device).eval(), model_name, class_names_for(num_classes, trained_classes),
-                      data_config, trained_classes)
+                      data_config, trained_classes, loaded.config.get('data'))
 
 
 def evaluate_classifier(classifier: Classifier, data: str, split: str = 'val', batch_size: int = 64,
