@@ -1,7 +1,7 @@
 """Short CPU training runs of both detectors lift COCO AP clearly above an untrained model (slow).
 
 The data: 64 training and 16 held-out 64x64 images of coloured shapes (tests/detection_shapes.py). Each run
-is 200 AdamW steps of batch 4 through ``hatnet det train`` (about 2 minutes for RetinaNet and 10 for Mask R-CNN
+is 200 AdamW steps of batch 4 through ``hatnet det train`` (about 2 minutes for RetinaNet and 9 for Mask R-CNN
 on one busy CPU core), scored by ``hatnet det eval --json``.
 """
 import json

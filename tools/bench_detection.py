@@ -84,7 +84,7 @@ def main():
         base = statistics.mean(runs[arch, args.models[-1]]['times'])
         table.add_row(f'coco_{arch}_1x', name, f'{mean:.1f}', f'{min(run["times"]):.1f} - {max(run["times"]):.1f}',
                       f'{mean / base:.2f}')
-    Console().print(table)
+    Console(width=110).print(table)
 
 
 if __name__ == '__main__':
