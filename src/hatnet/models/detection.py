@@ -90,7 +90,7 @@ def timm_features(
         frozen_stages: freeze the stem and this many stages (0: train everything).
         drop_path_rate: stochastic depth.
     """
-    if model_name not in timm.list_models():
+    if not timm.is_model(model_name):
         raise HatNetError(f'unknown model {model_name!r}: not a timm model name')
     kwargs = dict(features_only=True, out_indices=tuple(out_indices))
     if drop_path_rate:
@@ -107,7 +107,7 @@ def _transform_kwargs(body: nn.Module, kwargs: dict) -> dict:
     config = timm.data.resolve_model_data_config(body)
     # _skip_resize: training images come resized by the data pipeline (torchvision's own references do this
     # for their transforms-v2 multi-scale pipelines); inference still resizes to min_size / max_size.
-    return dict(dict(image_mean=list(config['mean']), image_std=list(config['std']), _skip_resize=True), **kwargs)
+    return {'image_mean': list(config['mean']), 'image_std': list(config['std']), '_skip_resize': True, **kwargs}
 
 
 def retinanet_hat_net(
