@@ -327,8 +327,8 @@ def test_torchrun_two_processes(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo(tmp_path, capsys):
-    os.chdir(tmp_path)
+def test_demo(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert hatnet('demo', '--epochs', 2) == 0
     rows = _rows(tmp_path / 'hatnet-demo')
     assert len(rows) == 2 and 0 < float(rows[-1]['val_top1']) <= 1
