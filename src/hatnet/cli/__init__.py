@@ -4,9 +4,7 @@ import sys
 from rich.console import Console
 
 from ..errors import HatNetError
-from . import model_cmds  # noqa: F401  (registers commands)
-from . import classify  # noqa: F401  (registers commands)
-from . import seg  # noqa: F401  (registers the seg commands)
+from . import classify, det, model_cmds, seg  # noqa: F401  (each module registers its commands)
 from .app import app
 
 

@@ -1,0 +1,167 @@
+""" HAT-Net detectors: torchvision RetinaNet and Mask R-CNN on a timm features_only backbone
+
+The paper evaluates HAT-Net on COCO with RetinaNet (object detection) and Mask R-CNN (instance
+segmentation) in PVT's 1x setting. These builders assemble exactly those detectors from torchvision's parts:
+
+* RetinaNet: backbone stages 2-4 (strides 8/16/32) -> FPN (256 channels) with P6/P7 computed from the
+  last backbone stage ("on input", as in PVT / mmdetection) -> RetinaNet head, anchors and focal loss.
+* Mask R-CNN: all four stages (strides 4-32) -> FPN (256 channels) with a max-pooled P6 -> RPN, RoIAlign,
+  two-layer box head and four-conv mask head.
+
+The backbone is any timm model created with ``features_only=True`` (every hat_net variant, or e.g. resnet50
+for comparisons). Its normalisation layers are left as they are: HAT-Net uses GroupNorm, which does not
+depend on the batch, so nothing is frozen or converted the way torchvision freezes ResNet's BatchNorm.
+
+Labels follow torchvision: 0 is the background, classes are 1..num_classes-1.
+
+Images are normalised with the backbone's mean/std and batched (padded to multiples of 32) by torchvision's
+``GeneralizedRCNNTransform``. Training images arrive already resized and flipped by the data pipeline
+(``hatnet.data.detection``, transforms v2, which moves boxes and masks along), so the model resizes only at
+inference, where torchvision also maps the results back to the size of the input image.
+"""
+from collections import OrderedDict
+from typing import Dict, Optional, Sequence
+
+import timm
+import torch
+from torch import nn
+from torchvision.models.detection import MaskRCNN, RetinaNet
+from torchvision.ops.feature_pyramid_network import (
+    ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7)
+
+from ..errors import HatNetError
+
+__all__ = ['ARCHS', 'TimmBackboneWithFPN', 'check_arch', 'create_detector', 'freeze_stages', 'maskrcnn_hat_net',
+           'retinanet_hat_net', 'timm_features']
+
+FPN_CHANNELS = 256
+
+
+class TimmBackboneWithFPN(nn.Module):
+    """A timm features_only model followed by torchvision's FeaturePyramidNetwork.
+
+    Returns the ordered dict of 256-channel maps torchvision's detectors expect: '0', '1', ... for the
+    backbone levels (finest first), then the extra levels ('p6', 'p7' or 'pool').
+    """
+
+    def __init__(self, body: nn.Module, extra_blocks: ExtraFPNBlock, out_channels: int = FPN_CHANNELS):
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(body.feature_info.channels(), out_channels, extra_blocks=extra_blocks)
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        features = self.body(x)
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(features)))
+
+
+def freeze_stages(body: nn.Module, num_stages: int) -> None:
+    """Freeze the stem and the first ``num_stages`` stages of a timm features_only model.
+
+    A stage is a feature level of stride >= 4: for HAT-Net ``stem`` + ``stages_0`` ... ``stages_{n-1}``; for
+    other timm models everything up to the module that produces their n-th stride->=4 level.
+    """
+    if num_stages <= 0:
+        return
+    info = body.feature_info
+    stage_modules = [info.module_name(i) for i in range(len(info.info)) if info.reduction(i) >= 4]
+    if num_stages > len(stage_modules):
+        raise HatNetError(f'cannot freeze {num_stages} stages: the backbone has {len(stage_modules)}')
+    last = stage_modules[num_stages - 1].replace('.', '_')  # FeatureListNet flattens 'stages.0' to 'stages_0'
+    for name, module in body.named_children():
+        module.requires_grad_(False)
+        if name == last:
+            break
+
+
+def timm_features(
+        model_name: str,
+        out_indices: Sequence[int],
+        pretrained: Optional[str] = None,
+        frozen_stages: int = 0,
+        drop_path_rate: float = 0.,
+) -> nn.Module:
+    """A timm ``features_only`` backbone.
+
+    Args:
+        model_name: any timm model with features_only support, e.g. 'hat_net_tiny'.
+        out_indices: the feature levels to return (negative: counted from the last one).
+        pretrained: ImageNet checkpoint file for it (an original HAT-Net .pth or a hatnet .safetensors).
+        frozen_stages: freeze the stem and this many stages (0: train everything).
+        drop_path_rate: stochastic depth.
+    """
+    if not timm.is_model(model_name):
+        raise HatNetError(f'unknown model {model_name!r}: not a timm model name')
+    kwargs = dict(features_only=True, out_indices=tuple(out_indices))
+    if drop_path_rate:
+        kwargs['drop_path_rate'] = drop_path_rate
+    if pretrained:
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(pretrained)))
+    body = timm.create_model(model_name, **kwargs)
+    freeze_stages(body, frozen_stages)
+    return body
+
+
+def _transform_kwargs(body: nn.Module, kwargs: dict) -> dict:
+    """``kwargs`` plus the backbone's normalisation for torchvision's GeneralizedRCNNTransform."""
+    config = timm.data.resolve_model_data_config(body)
+    # _skip_resize: training images come resized by the data pipeline (torchvision's own references do this
+    # for their transforms-v2 multi-scale pipelines); inference still resizes to min_size / max_size.
+    return {'image_mean': list(config['mean']), 'image_std': list(config['std']), '_skip_resize': True, **kwargs}
+
+
+def retinanet_hat_net(
+        num_classes: int,
+        backbone: str = 'hat_net_tiny',
+        pretrained_backbone: Optional[str] = None,
+        frozen_stages: int = 0,
+        drop_path_rate: float = 0.1,
+        **kwargs,
+) -> RetinaNet:
+    """RetinaNet with a timm backbone: stages 2-4 -> FPN with P6/P7 -> torchvision RetinaNet head and loss.
+
+    Args:
+        num_classes: number of classes including the background, as in torchvision.
+        backbone: timm model name (any hat_net variant, or any features_only timm model).
+        pretrained_backbone: ImageNet checkpoint file for the backbone.
+        frozen_stages: freeze the backbone's stem and first N stages.
+        drop_path_rate: stochastic depth of the backbone.
+        **kwargs: passed to torchvision's ``RetinaNet``: min_size / max_size (inference resize, 800 / 1333),
+            score_thresh (0.05), detections_per_img (here 100, COCO's limit), anchor_generator, nms_thresh, ...
+    """
+    body = timm_features(backbone, (-3, -2, -1), pretrained_backbone, frozen_stages, drop_path_rate)
+    # P6/P7 from the last backbone stage (C5), PVT's and mmdetection's 'on_input' extra convs
+    extra_levels = LastLevelP6P7(body.feature_info.channels()[-1], FPN_CHANNELS)
+    kwargs.setdefault('detections_per_img', 100)
+    return RetinaNet(TimmBackboneWithFPN(body, extra_levels), num_classes, **_transform_kwargs(body, kwargs))
+
+
+def maskrcnn_hat_net(
+        num_classes: int,
+        backbone: str = 'hat_net_tiny',
+        pretrained_backbone: Optional[str] = None,
+        frozen_stages: int = 0,
+        drop_path_rate: float = 0.1,
+        **kwargs,
+) -> MaskRCNN:
+    """Mask R-CNN with a timm backbone: stages 1-4 -> FPN with max-pooled P6 -> torchvision RPN and RoI heads.
+
+    Arguments as in :func:`retinanet_hat_net`; ``**kwargs`` go to torchvision's ``MaskRCNN``: min_size /
+    max_size, box_score_thresh (0.05), box_detections_per_img (100), box_batch_size_per_image (512), ...
+    """
+    body = timm_features(backbone, (-4, -3, -2, -1), pretrained_backbone, frozen_stages, drop_path_rate)
+    return MaskRCNN(TimmBackboneWithFPN(body, LastLevelMaxPool()), num_classes, **_transform_kwargs(body, kwargs))
+
+
+ARCHS = {'retinanet': retinanet_hat_net, 'maskrcnn': maskrcnn_hat_net}
+
+
+def check_arch(arch: str) -> None:
+    if arch not in ARCHS:
+        raise HatNetError(f'unknown detector {arch!r}: choose one of {", ".join(ARCHS)}')
+
+
+def create_detector(arch: str, num_classes: int, **kwargs) -> nn.Module:
+    """``retinanet_hat_net`` or ``maskrcnn_hat_net`` by name."""
+    check_arch(arch)
+    return ARCHS[arch](num_classes, **kwargs)
