@@ -3,7 +3,7 @@ import pytest
 import timm
 import torch
 
-from hatnet.checkpoint_io import save_safetensors_atomic
+from hatnet.fileio import save_safetensors_atomic
 from hatnet.errors import CheckpointError, HatNetError
 from hatnet.models.semantic_fpn import SemanticFPN
 from hatnet.reference import reference_model, reference_state_dict

@@ -4,7 +4,7 @@ from typing import Optional
 
 import timm
 
-from .checkpoint_io import read_state_dict, save_safetensors_atomic
+from .fileio import read_state_dict, save_safetensors_atomic
 from .errors import CheckpointError
 from .models import MODEL_NAMES, checkpoint_filter_fn, guess_variant
 from .models.hat_net import remap_original_keys

@@ -1,5 +1,4 @@
 """``hatnet train / eval / predict / attention / demo``: image classification."""
-import csv
 import json
 import os
 import time
@@ -11,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import HatNetError
+from ..fileio import write_csv_atomic
 from .app import app
 
 RUN_OPTIONS = 'run'
@@ -114,10 +114,8 @@ def _evaluation_report(metrics, confusion, names, out_dir: Path, title: str):
     accuracy = per_class_accuracy(confusion)
     counts = confusion.sum(1).long().tolist()
     rows = [(name, n, None if n == 0 else float(a)) for name, n, a in zip(names, counts, accuracy)]
-    with open(out_dir / 'per_class.csv', 'w', newline='') as f:
-        writer = csv.writer(f)
-        writer.writerow(['class', 'images', 'accuracy'])
-        writer.writerows([name, n, '' if a is None else f'{a:.6f}'] for name, n, a in rows)
+    write_csv_atomic(out_dir / 'per_class.csv', ['class', 'images', 'accuracy'],
+                     [[name, n, '' if a is None else f'{a:.6f}'] for name, n, a in rows])
     report = dict(metrics, images=int(confusion.sum().item()),
                   per_class={name: a for name, n, a in rows if n > 0},
                   confusion_matrix=str(out_dir / 'confusion_matrix.png'), per_class_csv=str(out_dir / 'per_class.csv'))

@@ -1,6 +1,4 @@
 """``hatnet seg train / eval / predict``: semantic segmentation with a Semantic FPN head."""
-import csv
-import io
 import json
 import math
 from pathlib import Path
@@ -119,16 +117,12 @@ def _fraction(value: float) -> Optional[float]:
 
 
 def _write_csv(path: Path, result: dict) -> None:
-    from ..checkpoint_io import _atomic_write
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(['class', 'IoU', 'Acc'])
+    from ..fileio import write_csv_atomic
     cell = lambda value: '' if math.isnan(value) else f'{value:.6f}'  # noqa: E731
-    for name, iou, acc in zip(result['class_names'], result['IoU'], result['Acc']):
-        writer.writerow([name, cell(iou), cell(acc)])
-    writer.writerow(['mean (mIoU, mAcc)', cell(result['mIoU']), cell(result['mAcc'])])
-    writer.writerow(['all pixels (aAcc)', '', cell(result['aAcc'])])
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+    rows = [[name, cell(iou), cell(acc)] for name, iou, acc in zip(result['class_names'], result['IoU'], result['Acc'])]
+    rows += [['mean (mIoU, mAcc)', cell(result['mIoU']), cell(result['mAcc'])],
+             ['all pixels (aAcc)', '', cell(result['aAcc'])]]
+    write_csv_atomic(path, ['class', 'IoU', 'Acc'], rows)
 
 
 @seg_app.command('eval')

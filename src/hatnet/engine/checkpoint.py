@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint_io import load_file, unwrap_state_dict
+from ..fileio import load_file, unwrap_state_dict
 from ..errors import CheckpointError
 
 FORMAT = 'hatnet-run'

@@ -3,12 +3,10 @@
 The rows live in the training checkpoint too, so after a resume ``metrics.csv`` is rewritten from them and
 holds exactly the rows an uninterrupted run would have written.
 """
-import csv
-import io
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..checkpoint_io import _atomic_write
+from ..fileio import write_csv_atomic
 
 METRICS_CSV = 'metrics.csv'
 CURVES_PNG = 'curves.png'
@@ -33,11 +31,7 @@ class RunLog:
 
     def write_csv(self, history: List[Dict[str, Any]]) -> None:
         columns = list(dict.fromkeys(k for row in history for k in row))
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(history)
-        _atomic_write(self.run_dir / METRICS_CSV, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+        write_csv_atomic(self.run_dir / METRICS_CSV, columns, [[row.get(c, '') for c in columns] for row in history])
 
     def close(self) -> None:
         if self.tensorboard is not None:

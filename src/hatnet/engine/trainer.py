@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .. import __version__
-from ..checkpoint_io import load_file, save_atomic
+from ..fileio import load_file, save_atomic
 from ..errors import CheckpointError, DatasetError, HatNetError
 from . import distributed as dist
 from .checkpoint import BEST, FORMAT, LAST, capture_rng_state, load_weights, restore_rng_state

@@ -49,7 +49,7 @@ from timm.layers import register_notrace_function
 from timm.models import PretrainedCfg, build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ..checkpoint_io import read_state_dict, unwrap_state_dict
+from ..fileio import read_state_dict, unwrap_state_dict
 from ..errors import CheckpointError, InputError
 
 __all__ = ['HatNet', 'checkpoint_filter_fn', 'guess_variant', 'MIN_INPUT_SIZE']

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork
 
-from ..checkpoint_io import read_state_dict
+from ..fileio import read_state_dict
 from ..errors import CheckpointError, HatNetError
 from .hat_net import VARIANT_ARGS as HAT_NET_VARIANTS
 

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.v2.functional import pil_to_tensor
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from ..checkpoint_io import _atomic_write
+from ..fileio import atomic_write, write_csv_atomic, write_text_atomic
 from ..data.detection import CocoDetection, check_same_categories, collate, detection_transforms
 from ..engine import Task, TrainConfig, build_configs, find_recipe, load_recipe, load_run_checkpoint, load_weights
 from ..engine import distributed as dist
@@ -293,7 +293,7 @@ def predict_images(images: Sequence[Path], checkpoint, out: Path, device: str = 
         image = _read_image(path)
         output = {k: v.cpu() for k, v in model([image.to(device) / 255.])[0].items()}
         drawn = draw_detections(image, output, detector.class_names).permute(1, 2, 0).numpy()
-        _atomic_write(png, lambda tmp: Image.fromarray(drawn).save(tmp, format='PNG'))
+        atomic_write(png, lambda tmp: Image.fromarray(drawn).save(tmp, format='PNG'))
         detections = coco_results(output, 0, detector.category_ids)
         for entry, label in zip(detections, output['labels'].tolist()):
             del entry['image_id']
@@ -305,11 +305,9 @@ def predict_images(images: Sequence[Path], checkpoint, out: Path, device: str = 
 
 def write_json(obj: Any, path) -> None:
     """JSON file written atomically (temp file + rename)."""
-    text = json.dumps(obj)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    write_text_atomic(path, json.dumps(obj))
 
 
 def write_csv(metrics: Dict[str, float], path) -> None:
     """The metrics as a two-line CSV (names, values), written atomically."""
-    text = ','.join(metrics) + '\n' + ','.join(f'{v:.6g}' for v in metrics.values()) + '\n'
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    write_csv_atomic(path, list(metrics), [[f'{v:.6g}' for v in metrics.values()]])

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-from ..checkpoint_io import _atomic_write
+from ..fileio import atomic_write
 from ..data.segmentation import (
     SegmentationData, SegmentationDataset, collate, colorize, eval_transform, get_layout, image_size, load_data,
     load_image, train_transform)
@@ -289,7 +289,7 @@ def predict_images(
         files = {}
         for kind, picture in (('mask', coloured), ('overlay', overlay)):
             files[kind] = out_dir / f'{path.stem}_{kind}.png'
-            _atomic_write(files[kind], lambda tmp: picture.save(tmp, format='PNG'))
+            atomic_write(files[kind], lambda tmp: picture.save(tmp, format='PNG'))
         counts = np.bincount(mask.ravel(), minlength=len(class_names))
         shares = {class_names[i]: counts[i] / mask.size for i in np.argsort(-counts)[:3] if counts[i]}
         results.append(dict(image=str(path), size=list(mask.shape[::-1]), **{k: str(v) for k, v in files.items()},

@@ -1,15 +1,17 @@
-"""Reading and writing checkpoint files safely.
+"""Reading checkpoint files safely and writing every output file atomically.
 
 Reading always uses ``torch.load(weights_only=True)`` (or safetensors), and every way a file can be wrong
 becomes one :class:`CheckpointError` naming the file. Writing goes to a temporary file in the same folder
-followed by an atomic rename, so a crash or ``kill -9`` never leaves a half-written checkpoint behind.
+followed by an atomic rename, so a crash or ``kill -9`` never leaves a half-written file behind.
 """
+import csv
+import io
 import os
 import pickle
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence
 
 import torch
 
@@ -73,7 +75,8 @@ def read_state_dict(path) -> Dict[str, torch.Tensor]:
     return unwrap_state_dict(load_file(path), source=str(path))
 
 
-def _atomic_write(path, write_fn) -> None:
+def atomic_write(path, write_fn: Callable[[str], Any]) -> None:
+    """Call ``write_fn(temporary_path)``, then rename the result to ``path`` (creating its folder)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
@@ -90,11 +93,23 @@ def _atomic_write(path, write_fn) -> None:
 
 def save_atomic(obj: Any, path) -> None:
     """``torch.save`` to ``path`` through a temporary file and an atomic rename."""
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_safetensors_atomic(state_dict: Dict[str, torch.Tensor], path, metadata: Optional[Dict[str, str]] = None):
     """Write a state_dict as safetensors through a temporary file and an atomic rename."""
     from safetensors.torch import save_file
     tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def write_text_atomic(path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_csv_atomic(path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())
