@@ -268,12 +268,15 @@ def test_bad_settings_are_one_clear_error(tmp_path, settings, message):
 
 def test_recipes_split_coerce_and_reject_unknown_keys(tmp_path):
     recipe = tmp_path / 'r.yaml'
-    recipe.write_text('lr: 5e-4\nepochs: 3\nn_train: 50\ndecay_milestones: [8, 11]\nclip_grad: null\n')
-    train_cfg, toy_cfg = resolve_config(ToyConfig, {'out': 'x', 'epochs': 7, 'lr': None}, recipe=str(recipe))
-    assert train_cfg.lr == 5e-4 and train_cfg.epochs == 7 and train_cfg.decay_milestones == [8, 11]
+    recipe.write_text('lr: 5e-4\nepochs: 12\nn_train: 50\ndecay_milestones: [8, 11]\nclip_grad: null\n')
+    train_cfg, toy_cfg = resolve_config(ToyConfig, {'out': 'x', 'lr': None}, recipe=str(recipe))
+    assert train_cfg.lr == 5e-4 and train_cfg.epochs == 12 and train_cfg.decay_milestones == [8, 11]
     assert toy_cfg.n_train == 50 and train_cfg.out == 'x'
-    train_cfg, _ = resolve_config(ToyConfig, {'iters': 30}, recipe=str(recipe))  # replaces the recipe's epochs
-    assert (train_cfg.epochs, train_cfg.iters) == (0, 30)
+    # a new length moves the lr steps to the same fractions of it (1x -> 2x schedule)
+    train_cfg, _ = resolve_config(ToyConfig, {'epochs': 24}, recipe=str(recipe))
+    assert (train_cfg.epochs, train_cfg.decay_milestones) == (24, [16, 22])
+    train_cfg, _ = resolve_config(ToyConfig, {'iters': 300}, recipe=str(recipe))  # replaces the recipe's epochs
+    assert (train_cfg.epochs, train_cfg.iters, train_cfg.decay_milestones) == (0, 300, [200, 275])
     recipe.write_text('lr: 1e-3\nlearning_rate: 3\n')
     with pytest.raises(HatNetError, match="unknown setting 'learning_rate'"):
         resolve_config(ToyConfig, {}, recipe=str(recipe))

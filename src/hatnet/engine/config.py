@@ -162,7 +162,13 @@ def resolve_config(
         aliases: Optional[Mapping[str, str]] = None,
 ) -> Tuple[TrainConfig, Any]:
     """Settings for one ``train`` invocation: dataclass defaults < recipe (or, with ``resume``, the run's own
-    ``config.yaml``) < ``options`` whose value is not None (the options given on the command line)."""
+    ``config.yaml``) < ``options`` whose value is not None (the options given on the command line).
+
+    A length given in ``options`` (epochs or iters) replaces the recipe's, and the recipe's lr steps move to
+    the same fractions of the new length: ``--epochs 24`` turns steps at epochs 8 and 11 of a 12-epoch recipe
+    into 16 and 22 (the 2x schedule), ``--iters 300`` into steps 200 and 275; an epoch recipe's evaluation
+    interval becomes the same fraction of an iteration run.
+    """
     options = {k: v for k, v in options.items() if v is not None}
     values: Dict[str, Any] = {}
     if options.get('resume'):
@@ -176,12 +182,25 @@ def resolve_config(
         values = load_recipe(run_dir / 'config.yaml')
     elif recipe is not None:
         values = load_recipe(find_recipe(recipe, aliases))
+        _rescale_schedule(values, options)
     # epochs and iters are one setting: giving either one replaces the other
     for given, other in (('epochs', 'iters'), ('iters', 'epochs')):
         if options.get(given) and not options.get(other):
             values.pop(other, None)
     values.update(options)
     return build_configs(values, task_config_cls)
+
+
+def _rescale_schedule(recipe: Dict[str, Any], options: Mapping[str, Any]) -> None:
+    """Move the recipe's lr steps (and an epoch recipe's eval interval) to a length given in ``options``."""
+    old_length = recipe.get('epochs') or recipe.get('iters')
+    new_length = options.get('epochs') or options.get('iters')
+    if not (old_length and new_length):
+        return
+    scale = new_length / old_length
+    recipe['decay_milestones'] = [max(1, round(m * scale)) for m in recipe.get('decay_milestones', [])]
+    if recipe.get('epochs') and options.get('iters'):
+        recipe['eval_every'] = max(1, round(recipe.get('eval_every', 1) * scale))
 
 
 def config_dict(train_cfg: TrainConfig, task_cfg: Any = None) -> Dict[str, Any]:

@@ -22,7 +22,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from ..fileio import atomic_write, write_csv_atomic, write_text_atomic
 from ..data.detection import CocoDetection, check_same_categories, collate, detection_transforms
-from ..engine import Task, TrainConfig, build_configs, find_recipe, load_recipe, load_run_checkpoint, load_weights
+from ..engine import Task, TrainConfig, load_run_checkpoint, load_weights
 from ..engine import distributed as dist
 from ..engine import resolve_config
 from ..errors import CheckpointError, DatasetError, InputError
@@ -222,27 +222,10 @@ def draw_detections(image: torch.Tensor, output: Dict[str, torch.Tensor], class_
 
 
 def detection_configs(options: Dict[str, Any], recipe: Optional[str] = None) -> Tuple[TrainConfig, DetectionConfig]:
-    """Settings of a ``det train`` run: defaults < recipe (by default the arch's 1x COCO recipe) < options.
-
-    A length given in ``options`` (epochs or iters) replaces the recipe's, and the recipe's lr steps move to
-    the same fractions of the new length: ``--epochs 24`` turns the 1x steps at 8 and 11 into 16 and 22 (the
-    2x schedule), ``--iters 300`` into steps 200 and 275; an epoch recipe's evaluation interval becomes the same
-    fraction of an iteration run (every 25 of 300 steps). ``resume`` reads the run's own config.yaml.
-    """
-    options = {k: v for k, v in options.items() if v is not None}
-    recipe = recipe or (None if options.get('resume') else f'coco_{options.get("arch", "retinanet")}_1x')
-    new_length = options.get('epochs') or options.get('iters')
-    if options.get('resume') or not new_length:
-        return resolve_config(DetectionConfig, options, recipe=recipe)
-    values = load_recipe(find_recipe(recipe))
-    length = values.get('epochs') or values.get('iters')
-    if length:
-        scale = new_length / length
-        values['decay_milestones'] = [max(1, round(m * scale)) for m in values.get('decay_milestones', [])]
-        if values.get('epochs') and options.get('iters'):
-            values['eval_every'] = max(1, round(values.get('eval_every', 1) * scale))
-    values.update(epochs=0, iters=0)
-    return build_configs({**values, **options}, DetectionConfig)
+    """Settings of a ``det train`` run: defaults < recipe (by default the arch's 1x COCO recipe) < options;
+    ``resume`` reads the run's own config.yaml. A new length moves the recipe's lr steps (``resolve_config``)."""
+    recipe = recipe or (None if options.get('resume') else f'coco_{options.get("arch") or "retinanet"}_1x')
+    return resolve_config(DetectionConfig, options, recipe=recipe)
 
 
 def _check_categories(dataset: CocoDetection, detector: TrainedDetector) -> None:
