@@ -1,10 +1,13 @@
 """Export a timm model (hat_net or any other) to ONNX and run it with onnxruntime.
 
-The graph is exported with ``torch.onnx.export(dynamo=True)`` and dynamic batch, height and width, so one
-file serves every input size the model accepts (for hat_net: any size >= 32 x 32; the grid padding and its
-attention mask are part of the graph).
+The graph is traced by ``torch.onnx.export`` with dynamic batch, height and width, so one file serves every
+input size the model accepts (for hat_net: any size >= 32 x 32; the grid padding and its attention mask are
+computed in the graph from the input size). The TorchScript-based exporter is used: the dynamo-based one
+needs every shape expression of the grid padding proven by its symbolic solver, which fails for the
+ceil-mode and modulo arithmetic of ragged grids.
 """
 import os
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -42,22 +45,22 @@ def export_onnx(
 
     Input ``images`` (batch, channels, height, width), output ``output``. Written atomically.
     """
-    import torch.export
-
     if opset < MIN_OPSET:
         raise HatNetError(f'opset {opset} is too old: the export needs opset >= {MIN_OPSET}')
     path = Path(path)
     model = model.eval().float().cpu()
-    in_chans = getattr(model, 'in_chans', 3)
-    # the example has batch 2: torch.export specialises dimensions of size 1
-    example = torch.randn(2, in_chans, *example_size)
-    dims = {0: torch.export.Dim('batch', min=1), 2: torch.export.Dim('height', min=32),
-            3: torch.export.Dim('width', min=32)}
-    with torch.inference_mode(False), torch.no_grad():
-        program = torch.onnx.export(
-            model, (example,), dynamo=True, opset_version=opset, dynamic_shapes=(dims,),
-            input_names=['images'], output_names=['output'], verbose=False)
-    _atomic_write(path, lambda tmp: program.save(tmp, external_data=False))
+    example = torch.randn(2, getattr(model, 'in_chans', 3), *example_size)
+
+    def write(tmp: str) -> None:
+        with warnings.catch_warnings(), torch.no_grad():
+            # the tracer warns about every Python int it records from a shape; they are traced dynamically here
+            warnings.simplefilter('ignore')
+            torch.onnx.export(
+                model, (example,), tmp, dynamo=False, opset_version=opset, input_names=['images'],
+                output_names=['output'], dynamic_axes={'images': {0: 'batch', 2: 'height', 3: 'width'},
+                                                       'output': {0: 'batch'}})
+
+    _atomic_write(path, write)
     return path
 
 
