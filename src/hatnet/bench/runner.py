@@ -66,7 +66,7 @@ class BenchRow:
 
 
 def row_label(model: str, runtime: str) -> str:
-    return model if runtime == 'eager' else f'{model} [{runtime}]'
+    return model if runtime == 'eager' else f'{model} ({runtime})'
 
 
 def parse_resolution(text: str) -> Tuple[int, int]:
@@ -150,7 +150,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda mess
     baseline = config.baseline or row_label(config.models[0], config.runtimes[0])
     if baseline not in {row_label(c.spec, c.runtime) for c in candidates}:
         raise HatNetError(f'baseline {baseline!r} is not one of the benchmarked models '
-                          f'(runtimes other than eager are named like "hat_net_tiny [onnxruntime]")')
+                          f'(runtimes other than eager are named like "hat_net_tiny (onnxruntime)")')
     macs_cache: Dict[Tuple[str, Tuple[int, int]], float] = {}
     rows: List[BenchRow] = []
     generator = torch.Generator().manual_seed(0)
@@ -169,12 +169,17 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda mess
             progress(f'{row.label} at {size[0]}x{size[1]}: warm-up')
             try:
                 model, run = cand.prepare(size)
+                # peak memory of the first call: onnxruntime's arena keeps its blocks afterwards (torch.compile
+                # compiles in its first call, so it is measured after the warm-up)
+                if cand.runtime != 'compile':
+                    row.peak_memory_mb = peak_memory_mb(lambda: run(images), settings.device)
                 for _ in range(config.warmup):
                     seconds = timed(lambda: run(images), settings.device)
                 if seconds > config.max_forward_seconds:
                     row.status = cand.stopped = f'too slow (> {config.max_forward_seconds:g} s per batch)'
                     continue
-                row.peak_memory_mb = peak_memory_mb(lambda: run(images), settings.device)
+                if cand.runtime == 'compile':
+                    row.peak_memory_mb = peak_memory_mb(lambda: run(images), settings.device)
                 output = run(single)  # also the warm-up of batch-1 calls
                 if cand.runtime != 'eager' or settings.dtype != 'fp32' or settings.channels_last:
                     with torch.inference_mode():

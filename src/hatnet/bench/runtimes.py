@@ -55,8 +55,7 @@ def make_runner(model: torch.nn.Module, runtime: str, settings: RunSettings, wor
             raise HatNetError('onnxruntime is benchmarked on CPU in fp32 only')
         workdir = Path(workdir or tempfile.mkdtemp(prefix='hatnet-bench-'))
         path = export_onnx(model, workdir / f'{type(model).__name__}-{id(model)}.onnx')
-        # no memory arena: its retained blocks would hide the peak memory of a run from the RSS measurement
-        return OnnxRunner(path, threads=settings.threads, memory_arena=False)
+        return OnnxRunner(path, threads=settings.threads)
     if runtime not in ('eager', 'compile'):
         raise HatNetError(f'unknown runtime {runtime!r}, choose from {", ".join(RUNTIMES)}')
     model = model.to(settings.device)

@@ -32,7 +32,7 @@ def bench(
                                         help='Comma-separated sizes: SIDE or HEIGHTxWIDTH.'),
         runtime: str = typer.Option('eager', help='Comma-separated runtimes: eager, compile, onnxruntime.'),
         baseline: Optional[str] = typer.Option(None, help='Row the ratios refer to (default: the first model), e.g. '
-                                                          'pvt_v2_b1 or "hat_net_tiny [onnxruntime]".'),
+                                                          'pvt_v2_b1 or "hat_net_tiny (onnxruntime)".'),
         batch_size: int = typer.Option(16, help='Images per batch at 224x224.'),
         scale_batch: bool = typer.Option(True, help='Shrink the batch at larger sizes to keep pixels per batch constant.'),
         rounds: int = typer.Option(5, help='Timed runs per model and size (interleaved); the median is reported.'),
@@ -42,14 +42,16 @@ def bench(
         threads: Optional[int] = typer.Option(None, help='CPU threads (torch and onnxruntime); default: torch default.'),
         dtype: str = typer.Option('fp32', help='fp32 or bf16 (autocast).'),
         channels_last: bool = typer.Option(False, help='Convert models and inputs to channels_last.'),
+        keep_memory: bool = typer.Option(False, help='CPU: keep freed memory in the process (glibc mallopt) instead of '
+                                                     'page-faulting large activations in anew on every pass.'),
         device: str = typer.Option('auto', help='auto, cpu or cuda.'),
         out: Path = typer.Option(Path('bench-results'), help='Folder for bench.csv, throughput.png and memory.png.'),
 ):
     """Throughput, batch-1 latency, peak memory and GMACs of HAT-Net and timm peers, measured side by side."""
     import torch
 
-    from ..bench import (DEFAULT_MODELS, DTYPES, RUNTIMES, BenchConfig, RunSettings, describe_machine, load_average,
-                         parse_resolution, plot, run_bench, table, write_csv)
+    from ..bench import (DEFAULT_MODELS, DTYPES, RUNTIMES, BenchConfig, RunSettings, describe_machine,
+                         keep_freed_memory, load_average, parse_resolution, plot, run_bench, table, write_csv)
 
     runtimes = _split(runtime)
     for name in runtimes:
@@ -68,7 +70,11 @@ def bench(
         settings=settings, batch_size=batch_size, scale_batch=scale_batch, rounds=rounds, warmup=warmup,
         latency=latency, max_forward_seconds=max_seconds, baseline=baseline)
 
+    if keep_memory and not keep_freed_memory():
+        raise HatNetError('--keep-memory needs glibc (Linux)')
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # a log file gets the whole table
     load_before = load_average()
     with console.status('benchmarking') as status:
         rows = run_bench(config, progress=status.update)
@@ -76,6 +82,7 @@ def bench(
     conditions = dict(
         machine=describe_machine(settings.device), device=settings.device.type,
         threads=settings.threads or torch.get_num_threads(), dtype=dtype, channels_last=channels_last,
+        keep_memory=keep_memory,
         torch=torch.__version__, load_before=f'{load_before[0]:.2f}', load_after=f'{load_after[0]:.2f}')
     base = baseline or rows[0].label
     out.mkdir(parents=True, exist_ok=True)

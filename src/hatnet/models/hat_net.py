@@ -105,35 +105,39 @@ def _from_heads(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return x.transpose(1, 2).reshape(B, height, width, num_heads * head_dim).permute(0, 3, 1, 2)
 
 
+def pad_to_grid(x: torch.Tensor, grid_size: int) -> torch.Tensor:
+    """Zero-pad (B, C, H, W) at the bottom and right to whole grid_size x grid_size cells.
+
+    Unconditional (a copy even when nothing is padded), so that traced graphs (torch.compile, ONNX export)
+    are the same for every input size.
+    """
+    H, W = x.shape[-2:]
+    return F.pad(x, (0, (grid_size - W % grid_size) % grid_size, 0, (grid_size - H % grid_size) % grid_size))
+
+
 @register_notrace_function
-def grid_attention(qkv: torch.Tensor, grid_size: int, num_heads: int) -> torch.Tensor:
+def grid_attention(qkv: torch.Tensor, grid_size: int, num_heads: int, height: int, width: int) -> torch.Tensor:
     """Local step of H-MHSA: self-attention inside each grid_size x grid_size cell.
 
-    qkv: (B, 3 * C, H, W) -> (B, C, H, W). Ragged edge cells are padded to full size and the padding is
-    masked out as keys (see the module docstring).
+    qkv: (B, 3 * C, H', W') padded to whole cells, of which the top-left height x width are valid ->
+    (B, C, height, width). The padding is masked out as keys (see the module docstring).
     """
     B, C3, H, W = qkv.shape
     C = C3 // 3
-    pad_h = (grid_size - H % grid_size) % grid_size
-    pad_w = (grid_size - W % grid_size) % grid_size
-    # (B, H, W, 3C) is a view of the channels_last map; padding and masking are unconditional so that the
-    # traced graph (torch.compile, ONNX export) is the same for every input size
-    qkv = F.pad(qkv.permute(0, 2, 3, 1), (0, 0, 0, pad_w, 0, pad_h))
-    rows, cols = (H + pad_h) // grid_size, (W + pad_w) // grid_size
+    rows, cols = H // grid_size, W // grid_size
     cells, cell = rows * cols, grid_size * grid_size
 
     # one copy gathers the cells, then q, k, v are strided views: (B * cells, heads, tokens per cell, head_dim)
-    qkv = qkv.reshape(B, rows, grid_size, cols, grid_size, C3).transpose(2, 3)
+    qkv = qkv.permute(0, 2, 3, 1).reshape(B, rows, grid_size, cols, grid_size, C3).transpose(2, 3)
     qkv = qkv.reshape(B * cells, cell, 3, num_heads, C // num_heads)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
-    valid = (torch.arange(H + pad_h, device=qkv.device) < H)[:, None] & (torch.arange(W + pad_w, device=qkv.device) < W)
+    valid = (torch.arange(H, device=qkv.device) < height)[:, None] & (torch.arange(W, device=qkv.device) < width)
     key_mask = valid.reshape(rows, grid_size, cols, grid_size).transpose(1, 2).reshape(cells, 1, 1, cell).repeat(B, 1, 1, 1)
 
     x = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B * cells, heads, cell, head_dim)
     x = x.transpose(1, 2).reshape(B, rows, cols, grid_size, grid_size, C).transpose(2, 3)
-    x = x.reshape(B, rows * grid_size, cols * grid_size, C)[:, :H, :W]
-    return x.permute(0, 3, 1, 2)
+    return x.reshape(B, H, W, C)[:, :height, :width].permute(0, 3, 1, 2)
 
 
 class HierarchicalAttention(nn.Module):
@@ -176,13 +180,14 @@ class HierarchicalAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         H, W = x.shape[-2:]
-        qkv = self.qkv(self.norm(x))
         if self.grid_norm is None:
-            q, k, v = _to_heads(qkv, 3, self.num_heads).unbind(0)
+            q, k, v = _to_heads(self.qkv(self.norm(x)), 3, self.num_heads).unbind(0)
             out = _from_heads(F.scaled_dot_product_attention(q, k, v), H, W)
         else:
-            # local step, with a residual from the block input
-            local = self.grid_norm(x + grid_attention(qkv, self.grid_size, self.num_heads))
+            # local step, with a residual from the block input; padding to whole cells happens before the
+            # q/k/v projection, where the map has a third of the channels to copy
+            qkv = self.qkv(pad_to_grid(self.norm(x), self.grid_size))
+            local = self.grid_norm(x + grid_attention(qkv, self.grid_size, self.num_heads, H, W))
             # global step: all tokens attend to the pooled map
             q = _to_heads(self.q(local), 1, self.num_heads)[0]
             k, v = _to_heads(self.kv(self.ds_norm(self.pool(local))), 2, self.num_heads).unbind(0)
