@@ -19,14 +19,23 @@ Any input resolution
 The original code only runs when every stage's map divides into whole grid cells, i.e. image sides that are
 multiples of 224. Here any size >= 32 x 32 works, and sizes the original accepts give the same numbers:
 
-* Local step: the q/k/v map is zero-padded at the bottom/right to whole G x G cells and the padded
-  positions are masked out as keys, so a valid token only ever attends to valid tokens of its own cell.
+* Local step: the normalised map is zero-padded at the bottom/right to whole G x G cells before the q/k/v
+  projection, and the padded positions are masked out as keys, so a valid token only ever attends to valid
+  tokens of its own cell.
   Padded queries are computed and dropped. The result for valid tokens is exactly that of attention over
   the valid part of each (ragged) edge cell.
 * Global step: the pooling uses ``ceil_mode=True``; a ragged edge cell becomes one pooled token that is the
   mean of the valid pixels it covers (PyTorch does not count out-of-bounds positions when there is no
   explicit padding). Every pixel contributes to exactly one pooled token.
 * Downsampling (3x3, stride 2, padding 1) rounds odd sides up, so stage i has ceil(H / 2^(i+2)) rows.
+
+Memory layout
+-------------
+The stem converts the images to channels_last and every stage keeps that layout (feature maps and
+intermediates come out channels_last; ``.contiguous()`` gives NCHW memory). On CPU the depth-wise
+convolutions and the 1x1 projections are several times faster in NHWC, q/k/v are strided views of the
+projection output that ``F.scaled_dot_product_attention`` reads directly, and its output is already the
+NHWC map, so each H-MHSA copies data only to gather and scatter the grid cells.
 
 The unused ``proj_norm``
 ------------------------
@@ -90,13 +99,12 @@ class GroupNorm1(nn.GroupNorm):
         return torch.addcmul(self.bias, normed, self.weight).permute(0, 3, 1, 2)
 
 
-def _to_heads(x: torch.Tensor, parts: int, num_heads: int) -> torch.Tensor:
+def _to_heads(x: torch.Tensor, parts: int, num_heads: int, head_dim: int) -> torch.Tensor:
     """(B, parts * C, H, W) -> (parts, B, heads, H * W, head_dim), a view when x is channels_last.
 
     Channels are ordered [part][head][head_dim], the order of the original 1x1 q/k/v projections.
     """
-    B = x.shape[0]
-    return x.permute(0, 2, 3, 1).reshape(B, -1, parts, num_heads, x.shape[1] // (parts * num_heads)).permute(2, 0, 3, 1, 4)
+    return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, parts, num_heads, head_dim).permute(2, 0, 3, 1, 4)
 
 
 def _from_heads(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -133,7 +141,8 @@ def grid_attention(qkv: torch.Tensor, grid_size: int, num_heads: int, height: in
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
     valid = (torch.arange(H, device=qkv.device) < height)[:, None] & (torch.arange(W, device=qkv.device) < width)
-    key_mask = valid.reshape(rows, grid_size, cols, grid_size).transpose(1, 2).reshape(cells, 1, 1, cell).repeat(B, 1, 1, 1)
+    key_mask = valid.reshape(rows, grid_size, cols, grid_size).transpose(1, 2).reshape(cells, 1, 1, cell)
+    key_mask = key_mask.repeat(B, 1, 1, 1)
 
     x = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B * cells, heads, cell, head_dim)
     x = x.transpose(1, 2).reshape(B, rows, cols, grid_size, grid_size, C).transpose(2, 3)
@@ -181,7 +190,7 @@ class HierarchicalAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         H, W = x.shape[-2:]
         if self.grid_norm is None:
-            q, k, v = _to_heads(self.qkv(self.norm(x)), 3, self.num_heads).unbind(0)
+            q, k, v = _to_heads(self.qkv(self.norm(x)), 3, self.num_heads, self.head_dim).unbind(0)
             out = _from_heads(F.scaled_dot_product_attention(q, k, v), H, W)
         else:
             # local step, with a residual from the block input; padding to whole cells happens before the
@@ -189,8 +198,8 @@ class HierarchicalAttention(nn.Module):
             qkv = self.qkv(pad_to_grid(self.norm(x), self.grid_size))
             local = self.grid_norm(x + grid_attention(qkv, self.grid_size, self.num_heads, H, W))
             # global step: all tokens attend to the pooled map
-            q = _to_heads(self.q(local), 1, self.num_heads)[0]
-            k, v = _to_heads(self.kv(self.ds_norm(self.pool(local))), 2, self.num_heads).unbind(0)
+            q = _to_heads(self.q(local), 1, self.num_heads, self.head_dim)[0]
+            k, v = _to_heads(self.kv(self.ds_norm(self.pool(local))), 2, self.num_heads, self.head_dim).unbind(0)
             out = local + _from_heads(F.scaled_dot_product_attention(q, k, v), H, W)
         out = self.proj_drop(self.proj(out))
         if self.training:
