@@ -76,8 +76,11 @@ def bench(
     if not console.is_terminal:
         console = Console(width=200)  # a log file gets the whole table
     load_before = load_average()
-    with console.status('benchmarking') as status:
-        rows = run_bench(config, progress=status.update)
+    if console.is_terminal:
+        with console.status('benchmarking') as status:
+            rows = run_bench(config, progress=status.update)
+    else:  # a log file gets one line per step
+        rows = run_bench(config, progress=lambda message: console.print(message, highlight=False))
     load_after = load_average()
     conditions = dict(
         machine=describe_machine(settings.device), device=settings.device.type,
