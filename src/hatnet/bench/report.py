@@ -2,6 +2,7 @@
 import csv
 import dataclasses
 import math
+import textwrap
 from pathlib import Path
 from typing import Dict, List, Sequence
 
@@ -36,7 +37,7 @@ def plot(rows: Sequence[BenchRow], path: Path, metric: str, ylabel: str, title: 
     import matplotlib.pyplot as plt
 
     series = _series(rows, metric)
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
     for label, points in series.items():
         x, y = zip(*sorted(points))
         style = '--' if label.startswith('hat_net') and '-global' in label else '-'
@@ -53,7 +54,7 @@ def plot(rows: Sequence[BenchRow], path: Path, metric: str, ylabel: str, title: 
     ax.set_yscale('log')
     ax.set_xlabel('megapixels per image')
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_title('\n'.join(textwrap.fill(line, 100) for line in title.splitlines()), fontsize=8)
     ax.grid(True, which='both', alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
