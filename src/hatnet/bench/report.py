@@ -1,5 +1,4 @@
 """Outputs of a benchmark: CSV, PNG plots against pixels, and a rich table with ratios to the baseline."""
-import csv
 import dataclasses
 import math
 import textwrap
@@ -8,17 +7,15 @@ from typing import Dict, List, Sequence
 
 from rich.table import Table
 
+from ..fileio import atomic_write, write_csv_atomic
 from .runner import BenchRow
 
 
 def write_csv(rows: Sequence[BenchRow], path: Path, conditions: Dict[str, object]) -> None:
     """One line per row; the run's conditions (machine, threads, dtype, ...) repeated in every line."""
     fields = [f.name for f in dataclasses.fields(BenchRow)]
-    with open(path, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=fields + ['pixels'] + list(conditions))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(dict(dataclasses.asdict(row), pixels=row.pixels, **conditions))
+    write_csv_atomic(path, fields + ['pixels'] + list(conditions), [
+        [getattr(row, name) for name in fields] + [row.pixels] + list(conditions.values()) for row in rows])
 
 
 def _series(rows: Sequence[BenchRow], metric: str) -> Dict[str, List[tuple]]:
@@ -58,7 +55,7 @@ def plot(rows: Sequence[BenchRow], path: Path, metric: str, ylabel: str, title: 
     ax.grid(True, which='both', alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format='png'))
     plt.close(fig)
 
 

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..checkpoint_io import _atomic_write
+from ..fileio import atomic_write
 from ..errors import CheckpointError, HatNetError
 
 DEFAULT_OPSET = 18
@@ -60,7 +60,7 @@ def export_onnx(
                 output_names=['output'], dynamic_axes={'images': {0: 'batch', 2: 'height', 3: 'width'},
                                                        'output': {0: 'batch'}})
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return path
 
 

@@ -19,9 +19,8 @@ Any input resolution
 The original code only runs when every stage's map divides into whole grid cells, i.e. image sides that are
 multiples of 224. Here any size >= 32 x 32 works, and sizes the original accepts give the same numbers:
 
-* Local step: the normalised map is zero-padded at the bottom/right to whole G x G cells before the q/k/v
-  projection, and the padded positions are masked out as keys, so a valid token only ever attends to valid
-  tokens of its own cell.
+* Local step: the q/k/v map is zero-padded at the bottom/right to whole G x G cells and the padded
+  positions are masked out as keys, so a valid token only ever attends to valid tokens of its own cell.
   Padded queries are computed and dropped. The result for valid tokens is exactly that of attention over
   the valid part of each (ragged) edge cell.
 * Global step: the pooling uses ``ceil_mode=True``; a ragged edge cell becomes one pooled token that is the
@@ -113,40 +112,34 @@ def _from_heads(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return x.transpose(1, 2).reshape(B, height, width, num_heads * head_dim).permute(0, 3, 1, 2)
 
 
-def pad_to_grid(x: torch.Tensor, grid_size: int) -> torch.Tensor:
-    """Zero-pad (B, C, H, W) at the bottom and right to whole grid_size x grid_size cells.
-
-    Unconditional (a copy even when nothing is padded), so that traced graphs (torch.compile, ONNX export)
-    are the same for every input size.
-    """
-    H, W = x.shape[-2:]
-    return F.pad(x, (0, (grid_size - W % grid_size) % grid_size, 0, (grid_size - H % grid_size) % grid_size))
-
-
 @register_notrace_function
-def grid_attention(qkv: torch.Tensor, grid_size: int, num_heads: int, height: int, width: int) -> torch.Tensor:
+def grid_attention(qkv: torch.Tensor, grid_size: int, num_heads: int) -> torch.Tensor:
     """Local step of H-MHSA: self-attention inside each grid_size x grid_size cell.
 
-    qkv: (B, 3 * C, H', W') padded to whole cells, of which the top-left height x width are valid ->
-    (B, C, height, width). The padding is masked out as keys (see the module docstring).
+    qkv: (B, 3 * C, H, W) -> (B, C, H, W). Ragged edge cells are padded to full size and the padding is
+    masked out as keys (see the module docstring). Padding and mask are unconditional (zero-sized and all
+    true when the cells fit), so that traced graphs (torch.compile, ONNX export) serve every input size.
     """
     B, C3, H, W = qkv.shape
     C = C3 // 3
-    rows, cols = H // grid_size, W // grid_size
+    pad_h, pad_w = (grid_size - H % grid_size) % grid_size, (grid_size - W % grid_size) % grid_size
+    rows, cols = (H + pad_h) // grid_size, (W + pad_w) // grid_size
     cells, cell = rows * cols, grid_size * grid_size
 
-    # one copy gathers the cells, then q, k, v are strided views: (B * cells, heads, tokens per cell, head_dim)
-    qkv = qkv.permute(0, 2, 3, 1).reshape(B, rows, grid_size, cols, grid_size, C3).transpose(2, 3)
+    # (B, H, W, 3C) is a view of the channels_last map; after padding, one copy gathers the cells and
+    # q, k, v are strided views: (B * cells, heads, tokens per cell, head_dim)
+    qkv = F.pad(qkv.permute(0, 2, 3, 1), (0, 0, 0, pad_w, 0, pad_h))
+    qkv = qkv.reshape(B, rows, grid_size, cols, grid_size, C3).transpose(2, 3)
     qkv = qkv.reshape(B * cells, cell, 3, num_heads, C // num_heads)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
-    valid = (torch.arange(H, device=qkv.device) < height)[:, None] & (torch.arange(W, device=qkv.device) < width)
+    valid = (torch.arange(H + pad_h, device=qkv.device) < H)[:, None] & (torch.arange(W + pad_w, device=qkv.device) < W)
     key_mask = valid.reshape(rows, grid_size, cols, grid_size).transpose(1, 2).reshape(cells, 1, 1, cell)
     key_mask = key_mask.repeat(B, 1, 1, 1)
 
     x = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B * cells, heads, cell, head_dim)
     x = x.transpose(1, 2).reshape(B, rows, cols, grid_size, grid_size, C).transpose(2, 3)
-    return x.reshape(B, H, W, C)[:, :height, :width].permute(0, 3, 1, 2)
+    return x.reshape(B, rows * grid_size, cols * grid_size, C)[:, :H, :W].permute(0, 3, 1, 2)
 
 
 class HierarchicalAttention(nn.Module):
@@ -193,10 +186,9 @@ class HierarchicalAttention(nn.Module):
             q, k, v = _to_heads(self.qkv(self.norm(x)), 3, self.num_heads, self.head_dim).unbind(0)
             out = _from_heads(F.scaled_dot_product_attention(q, k, v), H, W)
         else:
-            # local step, with a residual from the block input; padding to whole cells happens before the
-            # q/k/v projection, where the map has a third of the channels to copy
-            qkv = self.qkv(pad_to_grid(self.norm(x), self.grid_size))
-            local = self.grid_norm(x + grid_attention(qkv, self.grid_size, self.num_heads, H, W))
+            # local step, with a residual from the block input
+            qkv = self.qkv(self.norm(x))
+            local = self.grid_norm(x + grid_attention(qkv, self.grid_size, self.num_heads))
             # global step: all tokens attend to the pooled map
             q = _to_heads(self.q(local), 1, self.num_heads, self.head_dim)[0]
             k, v = _to_heads(self.kv(self.ds_norm(self.pool(local))), 2, self.num_heads, self.head_dim).unbind(0)
