@@ -5,6 +5,7 @@ machine conditions, so their ratios stay meaningful on a busy or thermally throt
 absolute numbers move.
 """
 import math
+import shutil
 import statistics
 import tempfile
 from dataclasses import dataclass, field
@@ -155,64 +156,68 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda mess
     rows: List[BenchRow] = []
     generator = torch.Generator().manual_seed(0)
 
-    for size in sorted(config.resolutions, key=lambda s: s[0] * s[1]):
-        batch = batch_for(config, *size)
-        images = torch.randn(batch, 3, *size, generator=generator).to(settings.device)
-        single = images[:1].clone()
-        measured = []
-        for cand in candidates:
-            row = BenchRow(cand.spec, cand.runtime, *size, batch)
-            rows.append(row)
-            if cand.stopped:
-                row.status = cand.stopped
-                continue
-            progress(f'{row.label} at {size[0]}x{size[1]}: warm-up')
-            try:
-                model, run = cand.prepare(size)
-                # peak memory of the first call: onnxruntime's arena keeps its blocks afterwards (torch.compile
-                # compiles in its first call, so it is measured after the warm-up)
-                if cand.runtime != 'compile':
-                    row.peak_memory_mb = peak_memory_mb(lambda: run(images), settings.device)
-                for _ in range(config.warmup):
-                    seconds = timed(lambda: run(images), settings.device)
-                if seconds > config.max_forward_seconds:
-                    row.status = cand.stopped = f'too slow (> {config.max_forward_seconds:g} s per batch)'
+    try:
+        for size in sorted(config.resolutions, key=lambda s: s[0] * s[1]):
+            batch = batch_for(config, *size)
+            images = torch.randn(batch, 3, *size, generator=generator).to(settings.device)
+            single = images[:1].clone()
+            measured = []
+            for cand in candidates:
+                row = BenchRow(cand.spec, cand.runtime, *size, batch)
+                rows.append(row)
+                if cand.stopped:
+                    row.status = cand.stopped
                     continue
-                if cand.runtime == 'compile':
-                    row.peak_memory_mb = peak_memory_mb(lambda: run(images), settings.device)
-                output = run(single)  # also the warm-up of batch-1 calls
-                if cand.runtime != 'eager' or settings.dtype != 'fp32' or settings.channels_last:
-                    with torch.inference_mode():
-                        reference = model.float()(single.float().contiguous())
-                    row.max_abs_diff = (output.float().cpu() - reference.cpu()).abs().max().item()
-                row.params_m = sum(p.numel() for p in model.parameters()) / 1e6
-            except (RuntimeError, MemoryError, HatNetError) as e:
-                if _is_out_of_memory(e):
-                    row.status = cand.stopped = 'out of memory'
-                elif cand.fixed_size:
-                    row.status = f'unsupported size ({type(e).__name__})'
-                else:
-                    row.status = cand.stopped = f'failed: {str(e).splitlines()[0][:120]}'
-                continue
-            key = (cand.spec, size)
-            if key not in macs_cache:
+                progress(f'{row.label} at {size[0]}x{size[1]}: warm-up')
                 try:
-                    macs_cache[key] = count_macs(model, (3, *size))['total'] / 1e9
-                except Exception:  # fvcore cannot trace every timm model; the column then stays empty
-                    macs_cache[key] = math.nan
-            row.gmacs = macs_cache[key]
-            measured.append((cand, run, row, [], []))
+                    model, run = cand.prepare(size)
+                    # peak memory of the first call: onnxruntime's arena keeps its blocks afterwards (torch.compile
+                    # compiles in its first call, so it is measured after the warm-up)
+                    if cand.runtime != 'compile':
+                        row.peak_memory_mb = peak_memory_mb(lambda: run(images), settings.device)
+                    for _ in range(config.warmup):
+                        seconds = timed(lambda: run(images), settings.device)
+                    if seconds > config.max_forward_seconds:
+                        row.status = cand.stopped = f'too slow (> {config.max_forward_seconds:g} s per batch)'
+                        continue
+                    if cand.runtime == 'compile':
+                        row.peak_memory_mb = peak_memory_mb(lambda: run(images), settings.device)
+                    output = run(single)  # also the warm-up of batch-1 calls
+                    if cand.runtime != 'eager' or settings.dtype != 'fp32' or settings.channels_last:
+                        with torch.inference_mode():
+                            reference = model.float()(single.float().contiguous())
+                        row.max_abs_diff = (output.float().cpu() - reference.cpu()).abs().max().item()
+                    row.params_m = sum(p.numel() for p in model.parameters()) / 1e6
+                except (RuntimeError, MemoryError, HatNetError) as e:
+                    if _is_out_of_memory(e):
+                        row.status = cand.stopped = 'out of memory'
+                    elif cand.fixed_size:
+                        row.status = f'unsupported size ({type(e).__name__})'
+                    else:
+                        row.status = cand.stopped = f'failed: {str(e).splitlines()[0][:120]}'
+                    continue
+                key = (cand.spec, size)
+                if key not in macs_cache:
+                    try:
+                        macs_cache[key] = count_macs(model, (3, *size))['total'] / 1e9
+                    except Exception:  # fvcore cannot trace every timm model; the column then stays empty
+                        macs_cache[key] = math.nan
+                row.gmacs = macs_cache[key]
+                measured.append((cand, run, row, [], []))
 
-        for r in range(config.rounds):
-            progress(f'{size[0]}x{size[1]}: round {r + 1}/{config.rounds}')
+            for r in range(config.rounds):
+                progress(f'{size[0]}x{size[1]}: round {r + 1}/{config.rounds}')
+                for cand, run, row, batch_times, single_times in measured:
+                    batch_times.append(timed(lambda: run(images), settings.device))
+                    if config.latency:
+                        single_times.append(timed(lambda: run(single), settings.device))
             for cand, run, row, batch_times, single_times in measured:
-                batch_times.append(timed(lambda: run(images), settings.device))
-                if config.latency:
-                    single_times.append(timed(lambda: run(single), settings.device))
-        for cand, run, row, batch_times, single_times in measured:
-            row.img_per_s = batch / statistics.median(batch_times)
-            if single_times:
-                row.latency_ms = 1000 * statistics.median(single_times)
+                row.img_per_s = batch / statistics.median(batch_times)
+                if single_times:
+                    row.latency_ms = 1000 * statistics.median(single_times)
+
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)  # exported ONNX files
 
     base = {(r.height, r.width): r.img_per_s for r in rows if r.label == baseline}
     for r in rows:
