@@ -4,7 +4,7 @@ import sys
 from rich.console import Console
 
 from ..errors import HatNetError
-from . import classify, det, model_cmds, seg  # noqa: F401  (each module registers its commands)
+from . import bench, classify, det, model_cmds, seg  # noqa: F401  (each module registers its commands)
 from .app import app
 
 

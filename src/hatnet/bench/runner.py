@@ -1,0 +1,225 @@
+"""The benchmark loop: every model at every resolution, timed in interleaved rounds in one process.
+
+Interleaving (round r times model A, then B, then C, then round r + 1 ...) exposes all models to the same
+machine conditions, so their ratios stay meaningful on a busy or thermally throttled machine even when the
+absolute numbers move.
+"""
+import math
+import shutil
+import statistics
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..errors import HatNetError
+from .measure import peak_memory_mb, timed
+from .runtimes import RunSettings, make_runner
+
+# the ablation: the same backbone with every stage's H-MHSA replaced by plain global self-attention
+GLOBAL_SUFFIX = '-global'
+DEFAULT_MODELS = ('hat_net_tiny', 'hat_net_small', 'pvt_v2_b1', 'pvt_v2_b2', 'swin_tiny_patch4_window7_224',
+                  'convnext_tiny', 'resnet50', 'hat_net_tiny' + GLOBAL_SUFFIX)
+DEFAULT_RESOLUTIONS = ((224, 224), (320, 320), (448, 448), (480, 640), (640, 640), (800, 800), (1024, 1024))
+BATCH_REFERENCE_PIXELS = 224 * 224
+
+
+@dataclass
+class BenchConfig:
+    models: Sequence[str] = DEFAULT_MODELS
+    resolutions: Sequence[Tuple[int, int]] = DEFAULT_RESOLUTIONS
+    runtimes: Sequence[str] = ('eager',)
+    settings: RunSettings = field(default_factory=lambda: RunSettings(torch.device('cpu')))
+    batch_size: int = 16
+    scale_batch: bool = True  # keep batch x pixels constant: batch_size at 224 x 224, fewer images when larger
+    rounds: int = 5
+    warmup: int = 1
+    latency: bool = True
+    max_forward_seconds: float = 60.  # a model slower than this per batch is not run at larger sizes
+    baseline: Optional[str] = None  # label of the row the ratios refer to; the first model by default
+
+
+@dataclass
+class BenchRow:
+    model: str
+    runtime: str
+    height: int
+    width: int
+    batch: int
+    status: str = 'ok'
+    img_per_s: float = math.nan
+    latency_ms: float = math.nan
+    peak_memory_mb: float = math.nan
+    gmacs: float = math.nan
+    params_m: float = math.nan
+    max_abs_diff: float = math.nan  # of the output against eager fp32 (bf16, compile, onnxruntime, channels_last)
+    ratio: float = math.nan  # img/s relative to the baseline at the same size
+
+    @property
+    def label(self) -> str:
+        return row_label(self.model, self.runtime)
+
+    @property
+    def pixels(self) -> int:
+        return self.height * self.width
+
+
+def row_label(model: str, runtime: str) -> str:
+    return model if runtime == 'eager' else f'{model} ({runtime})'
+
+
+def parse_resolution(text: str) -> Tuple[int, int]:
+    """'512' -> (512, 512); '480x640' -> (480, 640) (height x width)."""
+    parts = text.lower().replace('×', 'x').split('x')
+    try:
+        size = tuple(int(p) for p in parts)
+    except ValueError:
+        size = ()
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) < 32:
+        raise HatNetError(f'bad resolution {text!r}: use SIDE or HEIGHTxWIDTH, at least 32 pixels, e.g. 224 or 480x640')
+    return size
+
+
+def batch_for(config: BenchConfig, height: int, width: int) -> int:
+    if not config.scale_batch:
+        return config.batch_size
+    return max(1, round(config.batch_size * BATCH_REFERENCE_PIXELS / (height * width)))
+
+
+def build_model(spec: str, img_size: Optional[Tuple[int, int]] = None) -> torch.nn.Module:
+    """A timm model in eval mode from a benchmark name: a timm name, or a hat_net name + '-global'."""
+    import timm
+
+    from .. import models  # noqa: F401  (registers hat_net_*)
+
+    name, kwargs = spec, {}
+    if spec.endswith(GLOBAL_SUFFIX):
+        name = spec[:-len(GLOBAL_SUFFIX)]
+        if not name.startswith('hat_net'):
+            raise HatNetError(f'{spec}: the {GLOBAL_SUFFIX} ablation exists for hat_net models only')
+        kwargs['grid_sizes'] = (1, 1, 1, 1)  # grid size 1 = plain multi-head self-attention over the whole map
+    if not timm.is_model(name):
+        raise HatNetError(f'unknown model {name!r}')
+    if img_size is not None:
+        kwargs['img_size'] = img_size
+    return timm.create_model(name, **kwargs).eval()
+
+
+def _is_fixed_size(spec: str) -> bool:
+    import timm
+    name = spec[:-len(GLOBAL_SUFFIX)] if spec.endswith(GLOBAL_SUFFIX) else spec
+    return bool(timm.get_pretrained_cfg(name).to_dict().get('fixed_input_size', False))
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, MemoryError) or 'out of memory' in str(error).lower() \
+        or 'failed to allocate' in str(error).lower()
+
+
+class _Candidate:
+    """One model under one runtime; builds its runner lazily (per size for fixed-size models like swin)."""
+
+    def __init__(self, spec: str, runtime: str, config: BenchConfig, workdir: Path):
+        self.spec, self.runtime, self.config, self.workdir = spec, runtime, config, workdir
+        self.fixed_size = _is_fixed_size(spec)
+        self.stopped: Optional[str] = None  # status for this size and every larger one
+        self._model: Optional[torch.nn.Module] = None
+        self._runner: Optional[Callable] = None
+        self._size: Optional[Tuple[int, int]] = None
+
+    def prepare(self, size: Tuple[int, int]) -> Tuple[torch.nn.Module, Callable]:
+        if self._runner is None or (self.fixed_size and size != self._size):
+            self._model = build_model(self.spec, size if self.fixed_size else None)
+            self._runner = make_runner(self._model, self.runtime, self.config.settings, self.workdir)
+            self._size = size
+        return self._model, self._runner
+
+
+def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda message: None) -> List[BenchRow]:
+    """Measure every model x runtime at every resolution (smallest first); return one row each."""
+    from ..complexity import count_macs
+
+    settings = config.settings
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    workdir = Path(tempfile.mkdtemp(prefix='hatnet-bench-'))
+    candidates = [_Candidate(spec, runtime, config, workdir) for spec in config.models for runtime in config.runtimes]
+    baseline = config.baseline or row_label(config.models[0], config.runtimes[0])
+    if baseline not in {row_label(c.spec, c.runtime) for c in candidates}:
+        raise HatNetError(f'baseline {baseline!r} is not one of the benchmarked models '
+                          f'(runtimes other than eager are named like "hat_net_tiny (onnxruntime)")')
+    macs_cache: Dict[Tuple[str, Tuple[int, int]], float] = {}
+    rows: List[BenchRow] = []
+    generator = torch.Generator().manual_seed(0)
+
+    try:
+        for size in sorted(config.resolutions, key=lambda s: s[0] * s[1]):
+            batch = batch_for(config, *size)
+            images = torch.randn(batch, 3, *size, generator=generator).to(settings.device)
+            single = images[:1].clone()
+            measured = []
+            for cand in candidates:
+                row = BenchRow(cand.spec, cand.runtime, *size, batch)
+                rows.append(row)
+                if cand.stopped:
+                    row.status = cand.stopped
+                    continue
+                progress(f'{row.label} at {size[0]}x{size[1]}: warm-up')
+                try:
+                    model, run = cand.prepare(size)
+                    # peak memory of the first call: onnxruntime's arena keeps its blocks afterwards (torch.compile
+                    # compiles in its first call, so it is measured after the warm-up)
+                    if cand.runtime != 'compile':
+                        row.peak_memory_mb = peak_memory_mb(lambda: run(images), settings.device)
+                    for _ in range(config.warmup):
+                        seconds = timed(lambda: run(images), settings.device)
+                    if seconds > config.max_forward_seconds:
+                        row.status = cand.stopped = f'too slow (> {config.max_forward_seconds:g} s per batch)'
+                        continue
+                    if cand.runtime == 'compile':
+                        row.peak_memory_mb = peak_memory_mb(lambda: run(images), settings.device)
+                    output = run(single)  # also the warm-up of batch-1 calls
+                    if cand.runtime != 'eager' or settings.dtype != 'fp32' or settings.channels_last:
+                        with torch.inference_mode():
+                            reference = model.float()(single.float().contiguous())
+                        row.max_abs_diff = (output.float().cpu() - reference.cpu()).abs().max().item()
+                    row.params_m = sum(p.numel() for p in model.parameters()) / 1e6
+                except (RuntimeError, MemoryError, HatNetError) as e:
+                    if _is_out_of_memory(e):
+                        row.status = cand.stopped = 'out of memory'
+                    elif cand.fixed_size:
+                        row.status = f'unsupported size ({type(e).__name__})'
+                    else:
+                        row.status = cand.stopped = f'failed: {str(e).splitlines()[0][:120]}'
+                    continue
+                key = (cand.spec, size)
+                if key not in macs_cache:
+                    try:
+                        macs_cache[key] = count_macs(model, (3, *size))['total'] / 1e9
+                    except Exception:  # fvcore cannot trace every timm model; the column then stays empty
+                        macs_cache[key] = math.nan
+                row.gmacs = macs_cache[key]
+                measured.append((cand, run, row, [], []))
+
+            for r in range(config.rounds):
+                progress(f'{size[0]}x{size[1]}: round {r + 1}/{config.rounds}')
+                for cand, run, row, batch_times, single_times in measured:
+                    batch_times.append(timed(lambda: run(images), settings.device))
+                    if config.latency:
+                        single_times.append(timed(lambda: run(single), settings.device))
+            for cand, run, row, batch_times, single_times in measured:
+                row.img_per_s = batch / statistics.median(batch_times)
+                if single_times:
+                    row.latency_ms = 1000 * statistics.median(single_times)
+
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)  # exported ONNX files
+
+    base = {(r.height, r.width): r.img_per_s for r in rows if r.label == baseline}
+    for r in rows:
+        r.ratio = r.img_per_s / base[(r.height, r.width)]
+    return rows

@@ -1,0 +1,128 @@
+"""``hatnet bench`` and ``hatnet export``."""
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from ..errors import HatNetError
+from .app import app
+
+
+def _device(name: str):
+    import torch
+    if name not in ('auto', 'cpu', 'cuda'):
+        raise HatNetError(f'--device must be auto, cpu or cuda, not {name!r}')
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise HatNetError('--device cuda: no CUDA device is available')
+    return torch.device('cuda' if name == 'auto' and torch.cuda.is_available() else 'cpu' if name == 'auto' else name)
+
+
+def _split(text: str) -> list:
+    return [part.strip() for part in text.split(',') if part.strip()]
+
+
+@app.command()
+def bench(
+        models: Optional[str] = typer.Option(
+            None, help='Comma-separated timm names; NAME-global is a hat_net model with plain global self-attention in '
+                       'every stage (the ablation). Default: hat_net_tiny, hat_net_small, pvt_v2_b1, pvt_v2_b2, '
+                       'swin_tiny_patch4_window7_224, convnext_tiny, resnet50, hat_net_tiny-global.'),
+        resolutions: str = typer.Option('224,320,448,480x640,640,800,1024',
+                                        help='Comma-separated sizes: SIDE or HEIGHTxWIDTH.'),
+        runtime: str = typer.Option('eager', help='Comma-separated runtimes: eager, compile, onnxruntime.'),
+        baseline: Optional[str] = typer.Option(None, help='Row the ratios refer to (default: the first model), e.g. '
+                                                          'pvt_v2_b1 or "hat_net_tiny (onnxruntime)".'),
+        batch_size: int = typer.Option(16, help='Images per batch at 224x224.'),
+        scale_batch: bool = typer.Option(True, help='Shrink the batch at larger sizes to keep pixels per batch constant.'),
+        rounds: int = typer.Option(5, help='Timed runs per model and size (interleaved); the median is reported.'),
+        warmup: int = typer.Option(1, help='Untimed runs per model and size before the timed ones.'),
+        latency: bool = typer.Option(True, help='Also time batch-1 calls.'),
+        max_seconds: float = typer.Option(60., help='Stop running a model at larger sizes once a batch takes longer.'),
+        threads: Optional[int] = typer.Option(None, help='CPU threads (torch and onnxruntime); default: torch default.'),
+        dtype: str = typer.Option('fp32', help='fp32 or bf16 (autocast).'),
+        channels_last: bool = typer.Option(False, help='Convert models and inputs to channels_last.'),
+        keep_memory: bool = typer.Option(False, help='CPU: keep freed memory in the process (glibc mallopt) instead of '
+                                                     'page-faulting large activations in anew on every pass.'),
+        device: str = typer.Option('auto', help='auto, cpu or cuda.'),
+        out: Path = typer.Option(Path('bench-results'), help='Folder for bench.csv, throughput.png and memory.png.'),
+):
+    """Throughput, batch-1 latency, peak memory and GMACs of HAT-Net and timm peers, measured side by side."""
+    import torch
+
+    from ..bench import (DEFAULT_MODELS, DTYPES, RUNTIMES, BenchConfig, RunSettings, describe_machine,
+                         keep_freed_memory, load_average, parse_resolution, plot, run_bench, table, write_csv)
+
+    runtimes = _split(runtime)
+    for name in runtimes:
+        if name not in RUNTIMES:
+            raise HatNetError(f'unknown runtime {name!r}, choose from {", ".join(RUNTIMES)}')
+    if dtype not in DTYPES:
+        raise HatNetError(f'--dtype must be one of {", ".join(DTYPES)}, not {dtype!r}')
+    if batch_size < 1 or rounds < 1 or warmup < 1 or (threads is not None and threads < 1):
+        raise HatNetError('--batch-size, --rounds, --warmup and --threads must be at least 1')
+    settings = RunSettings(_device(device), dtype=dtype, channels_last=channels_last, threads=threads)
+    model_names = _split(models) if models is not None else list(DEFAULT_MODELS)
+    if not model_names:
+        raise HatNetError('--models is empty')
+    config = BenchConfig(
+        models=model_names, resolutions=[parse_resolution(r) for r in _split(resolutions)], runtimes=runtimes,
+        settings=settings, batch_size=batch_size, scale_batch=scale_batch, rounds=rounds, warmup=warmup,
+        latency=latency, max_forward_seconds=max_seconds, baseline=baseline)
+
+    if keep_memory and not keep_freed_memory():
+        raise HatNetError('--keep-memory needs glibc (Linux)')
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # a log file gets the whole table
+    load_before = load_average()
+    if console.is_terminal:
+        with console.status('benchmarking') as status:
+            rows = run_bench(config, progress=status.update)
+    else:  # a log file gets one line per step
+        rows = run_bench(config, progress=lambda message: console.print(message, highlight=False))
+    load_after = load_average()
+    conditions = dict(
+        machine=describe_machine(settings.device), device=settings.device.type,
+        threads=settings.threads or torch.get_num_threads(), dtype=dtype, channels_last=channels_last,
+        keep_memory=keep_memory,
+        torch=torch.__version__, load_before=f'{load_before[0]:.2f}', load_after=f'{load_after[0]:.2f}')
+    base = baseline or rows[0].label
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / 'bench.csv', conditions)
+    settings_text = ', '.join(f'{k} {v}' for k, v in conditions.items() if k not in ('machine', 'torch'))
+    subtitle = f'{conditions["machine"]}; {settings_text}; median of {rounds} interleaved runs'
+    plot(rows, out / 'throughput.png', 'img_per_s', 'images / s', f'Throughput vs input size\n{subtitle}')
+    plot(rows, out / 'memory.png', 'peak_memory_mb', 'peak memory above idle (MiB)',
+         f'Peak memory of one batch vs input size\n{subtitle}')
+    console.print(table(rows, base, f'hatnet bench: {subtitle}\ntorch {torch.__version__}'))
+    console.print(f'wrote {out / "bench.csv"}, {out / "throughput.png"}, {out / "memory.png"}')
+
+
+@app.command()
+def export(
+        model: str = typer.Argument(..., help='Model name, e.g. hat_net_tiny.'),
+        onnx: Path = typer.Option(..., '--onnx', help='Output .onnx file.'),
+        checkpoint: Optional[Path] = typer.Option(None, help='Weights: an original HAT-Net .pth or a hatnet .safetensors.'),
+        opset: int = typer.Option(18, help='ONNX opset (17 or newer).'),
+        check_size: str = typer.Option('224,250x333', help='Sizes at which onnxruntime is compared with PyTorch.'),
+):
+    """Export a model to ONNX with dynamic batch, height and width, and check it against PyTorch."""
+    import torch
+
+    from ..bench import parse_resolution
+    from ..export import OnnxRunner, export_onnx, load_model
+
+    sizes = [parse_resolution(s) for s in _split(check_size)]
+    net = load_model(model, checkpoint)
+    console = Console()
+    with console.status(f'exporting {model}'):
+        export_onnx(net, onnx, opset=opset)
+    runner = OnnxRunner(onnx)
+    generator = torch.Generator().manual_seed(0)
+    for size in sizes:
+        images = torch.randn(2, getattr(net, 'in_chans', 3), *size, generator=generator)
+        with torch.inference_mode():
+            diff = (runner(images) - net(images)).abs().max().item()
+        console.print(f'onnxruntime vs PyTorch at 2x{size[0]}x{size[1]}: max |Δ| {diff:.2e}')
+    console.print(f'wrote {onnx} (opset {opset}, dynamic batch/height/width)')

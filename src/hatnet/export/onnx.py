@@ -1,0 +1,86 @@
+"""Export a timm model (hat_net or any other) to ONNX and run it with onnxruntime.
+
+The graph is traced by ``torch.onnx.export`` with dynamic batch, height and width, so one file serves every
+input size the model accepts (for hat_net: any size >= 32 x 32; the grid padding and its attention mask are
+computed in the graph from the input size). The TorchScript-based exporter is used: the dynamo-based one
+needs every shape expression of the grid padding proven by its symbolic solver, which fails for the
+ceil-mode and modulo arithmetic of ragged grids.
+"""
+import os
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..fileio import atomic_write
+from ..errors import CheckpointError, HatNetError
+
+DEFAULT_OPSET = 18
+MIN_OPSET = 17
+
+
+def load_model(name: str, checkpoint: Optional[os.PathLike] = None, **kwargs) -> torch.nn.Module:
+    """timm.create_model in eval mode; ``checkpoint``: an original HAT-Net .pth or a hatnet .safetensors/.pth."""
+    import timm
+
+    from .. import models  # noqa: F401  (registers hat_net_* in timm)
+
+    if not timm.is_model(name):
+        raise HatNetError(f'unknown model {name!r} (hat_net_tiny, hat_net_small, ... or any timm model name)')
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise CheckpointError(f'checkpoint file not found: {checkpoint}')
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)))
+    return timm.create_model(name, **kwargs).eval()
+
+
+def export_onnx(
+        model: torch.nn.Module,
+        path: os.PathLike,
+        opset: int = DEFAULT_OPSET,
+        example_size: Sequence[int] = (224, 224),
+) -> Path:
+    """Write ``model`` (eval mode, float32, CPU) to ``path`` with dynamic batch, height and width.
+
+    Input ``images`` (batch, channels, height, width), output ``output``. Written atomically.
+    """
+    if opset < MIN_OPSET:
+        raise HatNetError(f'opset {opset} is too old: the export needs opset >= {MIN_OPSET}')
+    path = Path(path)
+    model = model.eval().float().cpu()
+    example = torch.randn(2, getattr(model, 'in_chans', 3), *example_size)
+
+    def write(tmp: str) -> None:
+        with warnings.catch_warnings(), torch.no_grad():
+            # the tracer warns about every Python int it records from a shape; they are traced dynamically here
+            warnings.simplefilter('ignore')
+            torch.onnx.export(
+                model, (example,), tmp, dynamo=False, opset_version=opset, input_names=['images'],
+                output_names=['output'], dynamic_axes={'images': {0: 'batch', 2: 'height', 3: 'width'},
+                                                       'output': {0: 'batch'}})
+
+    atomic_write(path, write)
+    return path
+
+
+class OnnxRunner:
+    """An onnxruntime session used like a module: ``runner(images) -> output`` on torch tensors."""
+
+    def __init__(self, path: os.PathLike, threads: Optional[int] = None, memory_arena: bool = True):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.enable_cpu_mem_arena = memory_arena
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
+        except Exception as e:  # onnxruntime raises its own exception types for unreadable files
+            raise HatNetError(f'cannot load ONNX model {path}: {str(e).splitlines()[0]}') from None
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.detach().float().cpu().contiguous()
+        return torch.from_numpy(self.session.run(None, {self.input_name: images.numpy()})[0])

@@ -1,0 +1,109 @@
+"""hatnet bench: interleaved measurements, ratios, skip rules, outputs, and the runtimes it drives."""
+import csv
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from hatnet.bench import (BenchConfig, RunSettings, build_model, make_runner, parse_resolution, peak_memory_mb,
+                          run_bench)
+from hatnet.bench.runner import batch_for
+from hatnet.cli import app, main
+from hatnet.errors import HatNetError
+from hatnet.reference import reference_model
+
+CPU = RunSettings(torch.device('cpu'), threads=1)
+
+
+def test_parse_resolution():
+    assert parse_resolution('224') == (224, 224)
+    assert parse_resolution('480x640') == (480, 640)
+    for bad in ('16', 'axb', '1x2x3', ''):
+        with pytest.raises(HatNetError, match='bad resolution'):
+            parse_resolution(bad)
+
+
+def test_batch_keeps_pixels_per_batch():
+    config = BenchConfig(batch_size=16)
+    assert batch_for(config, 224, 224) == 16
+    assert batch_for(config, 448, 448) == 4
+    assert batch_for(config, 1024, 1024) == 1
+    assert batch_for(BenchConfig(batch_size=16, scale_batch=False), 448, 448) == 16
+
+
+def test_global_ablation_is_plain_attention_everywhere():
+    model = build_model('hat_net_tiny-global')
+    assert all(block.attn.grid_size == 1 for stage in model.stages for block in stage.blocks)
+    with pytest.raises(HatNetError, match='hat_net models only'):
+        build_model('resnet50-global')
+
+
+def test_run_bench_rows_and_ratios():
+    config = BenchConfig(models=['hat_net_tiny', 'hat_net_tiny-global'], resolutions=[(96, 128), (64, 64)],
+                         settings=CPU, batch_size=2, rounds=2, baseline='hat_net_tiny-global')
+    rows = run_bench(config)
+    assert [(r.model, r.height) for r in rows] == [
+        ('hat_net_tiny', 64), ('hat_net_tiny-global', 64), ('hat_net_tiny', 96), ('hat_net_tiny-global', 96)]
+    for row in rows:
+        assert row.status == 'ok'
+        assert row.img_per_s > 0 and row.latency_ms > 0 and row.peak_memory_mb > 0 and row.gmacs > 0
+        assert row.ratio == pytest.approx(row.img_per_s / next(
+            r.img_per_s for r in rows if r.model == 'hat_net_tiny-global' and r.height == row.height))
+    assert rows[0].batch == round(2 * 224 * 224 / (64 * 64))
+    # the MACs of global attention grow faster with the input size than those of H-MHSA
+    assert rows[3].gmacs / rows[1].gmacs > rows[2].gmacs / rows[0].gmacs
+
+
+def test_too_slow_models_are_skipped_at_larger_sizes():
+    config = BenchConfig(models=['hat_net_tiny'], resolutions=[(64, 64), (96, 96)], settings=CPU, batch_size=1,
+                         rounds=1, latency=False, max_forward_seconds=0.)
+    rows = run_bench(config)
+    assert [r.status.startswith('too slow') for r in rows] == [True, True]
+
+
+def test_peak_memory_sees_an_allocation():
+    assert peak_memory_mb(lambda: torch.ones(25_000_000).sum(), torch.device('cpu')) > 80
+
+
+def test_bf16_autocast_costs_little_accuracy():
+    model = reference_model('tiny', weight_seed=0)
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        fp32 = model(images)
+    bf16 = make_runner(model, 'eager', RunSettings(torch.device('cpu'), dtype='bf16'))(images)
+    assert bf16.dtype == torch.bfloat16
+    error = (bf16.float() - fp32).abs().max().item()
+    assert 0 < error < 0.05 * fp32.abs().max().item()
+
+
+def test_onnxruntime_is_fp32_cpu_only():
+    with pytest.raises(HatNetError, match='fp32'):
+        make_runner(build_model('hat_net_tiny'), 'onnxruntime', RunSettings(torch.device('cpu'), dtype='bf16'))
+
+
+def test_bench_cli_writes_csv_plots_and_table(tmp_path):
+    result = CliRunner().invoke(app, [
+        'bench', '--models', 'hat_net_tiny,hat_net_tiny-global', '--resolutions', '64,64x96', '--batch-size', '1',
+        '--rounds', '1', '--no-latency', '--threads', '1', '--out', str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / 'bench.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {r['threads'] for r in rows} == {'1'} and {r['dtype'] for r in rows} == {'fp32'}
+    assert float(rows[0]['ratio']) == 1.0 and float(rows[1]['ratio']) > 0
+    for name in ('throughput.png', 'memory.png'):
+        assert (tmp_path / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert 'hat_net_tiny-global' in result.output and 'AVX' in result.output or 'CPU' in result.output
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--runtime', 'tensorrt'], 'unknown runtime'),
+    (['--baseline', 'resnet50'], 'baseline'),
+    (['--dtype', 'fp16'], '--dtype'),
+    (['--resolutions', '20'], 'bad resolution'),
+])
+def test_bench_cli_bad_options_are_one_line(tmp_path, args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(['bench', '--models', 'hat_net_tiny', '--resolutions', '64', '--out', str(tmp_path), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and 'Traceback' not in err

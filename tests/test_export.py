@@ -1,0 +1,73 @@
+"""ONNX export: onnxruntime matches PyTorch on the reference fixture and at sizes that are not multiples of 224."""
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from hatnet.cli import app
+from hatnet.export import OnnxRunner, export_onnx, load_model
+from hatnet.errors import HatNetError
+from hatnet.reference import official_reference, reference_input, reference_state_dict
+
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory):
+    """hat_net_tiny with the fixture's stand-in weights, saved as an original .pth and exported by the CLI."""
+    case = next(c for c in official_reference()['cases'] if c['variant'] == 'tiny')
+    folder = tmp_path_factory.mktemp('onnx')
+    checkpoint, onnx = folder / 'HAT-Net_Tiny.pth', folder / 'tiny.onnx'
+    torch.save(reference_state_dict('tiny', case['weight_seed']), checkpoint)
+    result = CliRunner().invoke(app, ['export', 'hat_net_tiny', '--checkpoint', str(checkpoint), '--onnx', str(onnx),
+                                      '--check-size', '250x333'])
+    assert result.exit_code == 0, result.output
+    return case, checkpoint, onnx, result.output
+
+
+def test_export_matches_reference_fixture(exported):
+    case, _, onnx, _ = exported
+    logits = OnnxRunner(onnx)(reference_input(case['input_shape'], case['input_seed']))
+    expected = torch.tensor(case['logits'], dtype=torch.float64)
+    assert (logits.double() - expected).abs().max().item() <= TOLERANCE
+
+
+@pytest.mark.parametrize('shape', [(3, 3, 250, 333), (1, 3, 97, 65), (2, 3, 32, 40)])
+def test_export_dynamic_sizes_match_pytorch(exported, shape):
+    _, checkpoint, onnx, _ = exported
+    model = load_model('hat_net_tiny', checkpoint)
+    images = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = model(images)
+    logits = OnnxRunner(onnx)(images)
+    assert logits.shape == expected.shape
+    assert (logits - expected).abs().max().item() <= TOLERANCE
+
+
+def test_export_cli_reports_the_check(exported):
+    _, _, onnx, output = exported
+    assert 'at 2x250x333: max |Δ|' in output
+    diff = float(output.split('max |Δ|')[1].split()[0])
+    assert diff <= TOLERANCE
+    assert onnx.stat().st_size > 40e6  # 12.7 M float32 weights are in the file
+    assert not list(onnx.parent.glob('.tiny.onnx.*'))  # no temporary file left behind
+
+
+def test_export_rejects_old_opset(tmp_path):
+    model = load_model('hat_net_tiny')
+    with pytest.raises(HatNetError, match='opset 16'):
+        export_onnx(model, tmp_path / 'x.onnx', opset=16)
+    assert not (tmp_path / 'x.onnx').exists()
+
+
+@pytest.mark.parametrize('args, message', [
+    (['export', 'hat_net_nope', '--onnx', 'x.onnx'], 'unknown model'),
+    (['export', 'hat_net_tiny', '--checkpoint', 'missing.pth', '--onnx', 'x.onnx'], 'not found'),
+])
+def test_export_cli_bad_input_is_one_line(tmp_path, args, message, capsys):
+    from hatnet.cli import main
+    with pytest.raises(SystemExit) as exit_info:
+        main([arg.replace('x.onnx', str(tmp_path / 'x.onnx')) for arg in args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and 'Traceback' not in err
+    assert not (tmp_path / 'x.onnx').exists()
