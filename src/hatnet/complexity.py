@@ -21,6 +21,11 @@ def _sdpa_macs(inputs, outputs) -> int:
     return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
 
 
+def _elementwise_macs(inputs, outputs) -> int:
+    from fvcore.nn.jit_handles import get_shape
+    return math.prod(get_shape(outputs[0]))
+
+
 def count_macs(model: torch.nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> Dict[str, float]:
     """MACs of one forward pass on a single image, in the conventions above (units: MACs, not G)."""
     with warnings.catch_warnings():
@@ -31,7 +36,11 @@ def count_macs(model: torch.nn.Module, input_size: Sequence[int] = (3, 224, 224)
     x = torch.zeros(1, *input_size, dtype=param.dtype, device=param.device)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # tracer warnings about shape-dependent Python values
-        analysis = FlopCountAnalysis(model, x).set_op_handle('aten::scaled_dot_product_attention', _sdpa_macs)
+        analysis = FlopCountAnalysis(model, x).set_op_handle(
+            'aten::scaled_dot_product_attention', _sdpa_macs,
+            # the per-channel affine of HAT-Net's GroupNorm1 (F.group_norm without affine, then addcmul): one
+            # MAC per element, which fvcore counts inside its group_norm handle for nn.GroupNorm
+            'aten::addcmul', _elementwise_macs)
         analysis.unsupported_ops_warnings(False)
         analysis.uncalled_modules_warnings(False)
         by_op = analysis.by_operator()
