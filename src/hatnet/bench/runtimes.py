@@ -55,7 +55,8 @@ def make_runner(model: torch.nn.Module, runtime: str, settings: RunSettings, wor
             raise HatNetError('onnxruntime is benchmarked on CPU in fp32 only')
         workdir = Path(workdir or tempfile.mkdtemp(prefix='hatnet-bench-'))
         path = export_onnx(model, workdir / f'{type(model).__name__}-{id(model)}.onnx')
-        return OnnxRunner(path, threads=settings.threads)
+        # no spin-waiting: idle onnxruntime threads would spin on the cores the next model is timed on
+        return OnnxRunner(path, threads=settings.threads, spin_wait=False)
     if runtime not in ('eager', 'compile'):
         raise HatNetError(f'unknown runtime {runtime!r}, choose from {", ".join(RUNTIMES)}')
     model = model.to(settings.device)

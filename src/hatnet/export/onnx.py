@@ -67,12 +67,15 @@ def export_onnx(
 class OnnxRunner:
     """An onnxruntime session used like a module: ``runner(images) -> output`` on torch tensors."""
 
-    def __init__(self, path: os.PathLike, threads: Optional[int] = None, memory_arena: bool = True):
+    def __init__(self, path: os.PathLike, threads: Optional[int] = None, memory_arena: bool = True,
+                 spin_wait: bool = True):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.enable_cpu_mem_arena = memory_arena
+        # spin-waiting worker threads answer the next call faster but keep their cores busy between calls
+        options.add_session_config_entry('session.intra_op.allow_spinning', '1' if spin_wait else '0')
         if threads:
             options.intra_op_num_threads = threads
         try:
