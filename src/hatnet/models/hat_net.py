@@ -36,6 +36,10 @@ convolutions and the 1x1 projections are several times faster in NHWC, q/k/v are
 projection output that ``F.scaled_dot_product_attention`` reads directly, and its output is already the
 NHWC map, so each H-MHSA copies data only to gather and scatter the grid cells.
 
+ONNX graphs are NCHW and run by onnxruntime, whose best layout is different: while exporting, the norms
+and the attention switch to forms written for it (``GroupNorm1._forward_onnx``,
+``HierarchicalAttention._attend_onnx``), which give the same outputs.
+
 The unused ``proj_norm``
 ------------------------
 The original attention module creates a GroupNorm ``proj_norm`` that its forward never applies. Its
@@ -105,13 +109,26 @@ class GroupNorm1(nn.GroupNorm):
 
     @torch.jit.unused
     def _forward_onnx(self, x: torch.Tensor) -> torch.Tensor:
-        # ONNX tensors are NCHW, so no permutes (each would be a Transpose of the map). onnxruntime sums a
-        # reduction in one float32 pass, which over all C * H * W values of a large map is off by ~1e-4
-        # (logits at 1000 x 1344): mean the channels' means instead, and centre before the variance.
-        mean = x.mean((2, 3), keepdim=True).mean(1, keepdim=True)
-        centred = x - mean
-        var = centred.square().mean((2, 3), keepdim=True).mean(1, keepdim=True)
-        return centred * torch.rsqrt(var + self.eps) * self.weight[:, None, None] + self.bias[:, None, None]
+        return _LayerNormOverCHW.apply(x, self.weight, self.bias, self.eps)
+
+
+class _LayerNormOverCHW(torch.autograd.Function):
+    """GroupNorm(1, C) written to ONNX as one LayerNormalization over (C, H, W) with a (C, 1, 1) affine.
+
+    onnxruntime runs that as one fused kernel whose statistics stay precise on large maps (a ReduceMean over
+    all C * H * W values of a 1000 x 1344 image is off by ~1e-4 in float32), where the decomposed norm would
+    cost seven passes over the map.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+        return F.group_norm(x, 1, weight, bias, eps)
+
+    @staticmethod
+    def symbolic(g, x, weight, bias, eps: float):
+        per_channel = g.op('Constant', value_t=torch.tensor([-1, 1, 1]))
+        return g.op('LayerNormalization', x, g.op('Reshape', weight, per_channel), g.op('Reshape', bias, per_channel),
+                    axis_i=1, epsilon_f=eps)
 
 
 def _to_heads(x: torch.Tensor, parts: int, num_heads: int, head_dim: int) -> torch.Tensor:
@@ -133,7 +150,7 @@ def grid_attention(qkv: torch.Tensor, grid_size: int, num_heads: int) -> torch.T
     """Local step of H-MHSA: self-attention inside each grid_size x grid_size cell.
 
     qkv: (B, 3 * C, H, W) -> (B, C, H, W). Ragged edge cells are padded to full size and the padding is
-    masked out as keys (see the module docstring). Traced graphs (torch.compile, ONNX export) pad and mask
+    masked out as keys (see the module docstring). Traced graphs (torch.compile, torch.jit.trace) pad and mask
     unconditionally (zero-sized and all true when the cells fit) so that one graph serves every input size;
     eager runs skip both when the cells fit (an all-true mask still costs SDPA ~10 % of the model's time).
     """
@@ -160,6 +177,47 @@ def grid_attention(qkv: torch.Tensor, grid_size: int, num_heads: int) -> torch.T
 
     x = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B * cells, heads, cell, head_dim)
     x = x.transpose(1, 2).reshape(B, rows, cols, grid_size, grid_size, C).transpose(2, 3)
+    return x.reshape(B, rows * grid_size, cols * grid_size, C)[:, :H, :W].permute(0, 3, 1, 2)
+
+
+def _plane_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention on (..., head_dim, tokens) planes, the form in which NCHW maps hold heads:
+    q (..., D, N), k and v (..., D, M) -> (..., D, N).
+
+    Written for the ONNX export: onnxruntime folds the transposed operands into its matrix multiplications,
+    so no tensor is transposed in memory.
+    """
+    scores = torch.matmul(q.transpose(-1, -2), k) * scale
+    return torch.matmul(v, scores.softmax(-1).transpose(-1, -2))
+
+
+def _grid_attention_onnx(x: torch.Tensor, qkv_proj: nn.Module, grid_size: int, num_heads: int) -> torch.Tensor:
+    """Local step as written to ONNX: normalised map (B, C, H, W) -> ``grid_attention(qkv_proj(x))``.
+
+    Shaped for onnxruntime: the C-channel input is padded rather than the 3C-channel projection (the
+    projection of zero padding is only ever masked or dropped), and cells are gathered from and scattered to
+    the NHWC order, which onnxruntime's layout change after the convolution writes directly and in which
+    every moved block is one head's D contiguous values. Padding is always applied (zero-sized when the
+    cells fit) so that the graph serves every input size.
+    """
+    B, C, H, W = x.shape
+    head_dim = C // num_heads
+    pad_h, pad_w = (grid_size - H % grid_size) % grid_size, (grid_size - W % grid_size) % grid_size
+    rows, cols = (H + pad_h) // grid_size, (W + pad_w) // grid_size
+    cells, cell = rows * cols, grid_size * grid_size
+
+    valid = (torch.arange(H + pad_h) < H)[:, None] & (torch.arange(W + pad_w) < W)
+    valid = valid.reshape(rows, grid_size, cols, grid_size).transpose(1, 2).reshape(cells, 1, 1, cell)
+    key_bias = torch.zeros(valid.shape).masked_fill(~valid, float('-inf'))
+
+    # (B, [rows, G], [cols, G], [3, heads, D]) -> 3 x (B, cells, heads, G * G, D)
+    qkv = qkv_proj(F.pad(x, (0, pad_w, 0, pad_h))).permute(0, 2, 3, 1)
+    qkv = qkv.reshape(B, rows, grid_size, cols, grid_size, 3, num_heads, head_dim).permute(5, 0, 1, 3, 6, 2, 4, 7)
+    q, k, v = qkv.reshape(3, B, cells, num_heads, cell, head_dim).unbind(0)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * head_dim ** -0.5 + key_bias
+    x = torch.matmul(scores.softmax(-1), v)
+    # (B, rows, cols, heads, G, G, D) -> (B, [rows, G], [cols, G], [heads, D])
+    x = x.reshape(B, rows, cols, num_heads, grid_size, grid_size, head_dim).permute(0, 1, 4, 2, 5, 3, 6)
     return x.reshape(B, rows * grid_size, cols * grid_size, C)[:, :H, :W].permute(0, 3, 1, 2)
 
 
@@ -202,22 +260,44 @@ class HierarchicalAttention(nn.Module):
         self.proj_drop = nn.Dropout2d(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        H, W = x.shape[-2:]
-        if self.grid_norm is None:
-            q, k, v = _to_heads(self.qkv(self.norm(x)), 3, self.num_heads, self.head_dim).unbind(0)
-            out = _from_heads(F.scaled_dot_product_attention(q, k, v), H, W)
+        if not torch.jit.is_scripting() and self._exporting_onnx():
+            out = self._attend_onnx(x)
         else:
-            # local step, with a residual from the block input
-            qkv = self.qkv(self.norm(x))
-            local = self.grid_norm(x + grid_attention(qkv, self.grid_size, self.num_heads))
-            # global step: all tokens attend to the pooled map
-            q = _to_heads(self.q(local), 1, self.num_heads, self.head_dim)[0]
-            k, v = _to_heads(self.kv(self.ds_norm(self.pool(local))), 2, self.num_heads, self.head_dim).unbind(0)
-            out = local + _from_heads(F.scaled_dot_product_attention(q, k, v), H, W)
+            out = self._attend(x)
         out = self.proj_drop(self.proj(out))
         if self.training:
             out = out + 0. * (self.proj_norm.weight.sum() + self.proj_norm.bias.sum())
         return out
+
+    def _attend(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        if self.grid_norm is None:
+            q, k, v = _to_heads(self.qkv(self.norm(x)), 3, self.num_heads, self.head_dim).unbind(0)
+            return _from_heads(F.scaled_dot_product_attention(q, k, v), H, W)
+        # local step, with a residual from the block input
+        qkv = self.qkv(self.norm(x))
+        local = self.grid_norm(x + grid_attention(qkv, self.grid_size, self.num_heads))
+        # global step: all tokens attend to the pooled map
+        q = _to_heads(self.q(local), 1, self.num_heads, self.head_dim)[0]
+        k, v = _to_heads(self.kv(self.ds_norm(self.pool(local))), 2, self.num_heads, self.head_dim).unbind(0)
+        return local + _from_heads(F.scaled_dot_product_attention(q, k, v), H, W)
+
+    @torch.jit.unused
+    def _exporting_onnx(self) -> bool:
+        return torch.onnx.is_in_onnx_export()
+
+    @torch.jit.unused
+    def _attend_onnx(self, x: torch.Tensor) -> torch.Tensor:
+        # ONNX maps are NCHW: heads are (head_dim, tokens) planes of the projections, reached by reshapes
+        B, C, H, W = x.shape
+        scale = self.head_dim ** -0.5
+        if self.grid_norm is None:
+            qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, self.head_dim, H * W)
+            return _plane_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], scale).reshape(B, C, H, W)
+        local = self.grid_norm(x + _grid_attention_onnx(self.norm(x), self.qkv, self.grid_size, self.num_heads))
+        q = self.q(local).reshape(B, self.num_heads, self.head_dim, H * W)
+        kv = self.kv(self.ds_norm(self.pool(local))).reshape(B, 2, self.num_heads, self.head_dim, -1)
+        return local + _plane_attention(q, kv[:, 0], kv[:, 1], scale).reshape(B, C, H, W)
 
 
 @register_notrace_module  # its batch slicing depends on tensor sizes; FX keeps it as one call
