@@ -191,14 +191,16 @@ def _plane_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return torch.matmul(v, scores.softmax(-1).transpose(-1, -2))
 
 
-def _grid_attention_onnx(x: torch.Tensor, qkv_proj: nn.Module, grid_size: int, num_heads: int) -> torch.Tensor:
+def _grid_attention_onnx(x: torch.Tensor, qkv_proj: nn.Conv2d, grid_size: int, num_heads: int) -> torch.Tensor:
     """Local step as written to ONNX: normalised map (B, C, H, W) -> ``grid_attention(qkv_proj(x))``.
 
-    Shaped for onnxruntime: the C-channel input is padded rather than the 3C-channel projection (the
-    projection of zero padding is only ever masked or dropped), and cells are gathered from and scattered to
-    the NHWC order, which onnxruntime's layout change after the convolution writes directly and in which
-    every moved block is one head's D contiguous values. Padding is always applied (zero-sized when the
-    cells fit) so that the graph serves every input size.
+    Shaped for onnxruntime, which runs convolutions in a blocked layout and reorders their outputs:
+    * the C-channel input is padded rather than the 3C-channel projection (the projections of the zero
+      padding are only ever masked as keys or dropped as queries);
+    * q, k and v are projected by three convolutions with slices of the qkv weights, so that no split copy
+      follows, and each is asked for in NHWC, which the reorder out of its convolution writes directly;
+    * in NHWC every block that gathering or scattering the grid cells moves is one head's D contiguous values.
+    Padding is always applied (zero-sized when the cells fit) so that the graph serves every input size.
     """
     B, C, H, W = x.shape
     head_dim = C // num_heads
@@ -210,10 +212,13 @@ def _grid_attention_onnx(x: torch.Tensor, qkv_proj: nn.Module, grid_size: int, n
     valid = valid.reshape(rows, grid_size, cols, grid_size).transpose(1, 2).reshape(cells, 1, 1, cell)
     key_bias = torch.zeros(valid.shape).masked_fill(~valid, float('-inf'))
 
-    # (B, [rows, G], [cols, G], [3, heads, D]) -> 3 x (B, cells, heads, G * G, D)
-    qkv = qkv_proj(F.pad(x, (0, pad_w, 0, pad_h))).permute(0, 2, 3, 1)
-    qkv = qkv.reshape(B, rows, grid_size, cols, grid_size, 3, num_heads, head_dim).permute(5, 0, 1, 3, 6, 2, 4, 7)
-    q, k, v = qkv.reshape(3, B, cells, num_heads, cell, head_dim).unbind(0)
+    # each of q, k, v: (B, [rows, G], [cols, G], [heads, D]) -> (B, cells, heads, G * G, D)
+    padded = F.pad(x, (0, pad_w, 0, pad_h))
+    q, k, v = [
+        F.conv2d(padded, weight, bias).permute(0, 2, 3, 1)
+        .reshape(B, rows, grid_size, cols, grid_size, num_heads, head_dim).permute(0, 1, 3, 5, 2, 4, 6)
+        .reshape(B, cells, num_heads, cell, head_dim)
+        for weight, bias in zip(qkv_proj.weight.chunk(3), qkv_proj.bias.chunk(3))]
     scores = torch.matmul(q, k.transpose(-1, -2)) * head_dim ** -0.5 + key_bias
     x = torch.matmul(scores.softmax(-1), v)
     # (B, rows, cols, heads, G, G, D) -> (B, [rows, G], [cols, G], [heads, D])
