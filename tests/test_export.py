@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 from hatnet.cli import app
 from hatnet.export import OnnxRunner, export_onnx, load_model
 from hatnet.errors import HatNetError
-from hatnet.models.hat_net import GroupNorm1
+from hatnet.models.hat_net import GroupNorm1, _grid_attention_onnx, grid_attention
 from hatnet.reference import official_reference, reference_input, reference_state_dict
 
 TOLERANCE = 1e-4
@@ -63,6 +63,21 @@ def test_exported_group_norm_stays_precise_on_large_maps(tmp_path):
     expected = torch.nn.functional.group_norm(images.double(), 1, norm.weight.double(), norm.bias.double(), norm.eps)
     path = export_onnx(norm, tmp_path / 'norm.onnx', example_size=(64, 80))
     assert (OnnxRunner(path)(images).double() - expected).abs().max().item() <= TOLERANCE
+
+
+@pytest.mark.parametrize('size, grid_size, num_heads', [((14, 14), 7, 2), ((23, 17), 8, 1), ((9, 30), 7, 5)])
+def test_local_step_written_for_onnx_equals_the_eager_one(size, grid_size, num_heads):
+    """The export's local step (padded before projecting, separate q/k/v, cells in NHWC) is grid_attention."""
+    generator = torch.Generator().manual_seed(0)
+    dim = 16 * num_heads
+    qkv_proj = torch.nn.Conv2d(dim, 3 * dim, 1)
+    torch.nn.init.normal_(qkv_proj.bias, generator=generator)  # padded positions project to the bias
+    normed = torch.randn(2, dim, *size, generator=generator)
+    with torch.no_grad():
+        expected = grid_attention(qkv_proj(normed), grid_size, num_heads)
+        written = _grid_attention_onnx(normed, qkv_proj, grid_size, num_heads)
+    assert written.shape == expected.shape == normed.shape
+    assert (written - expected).abs().max().item() <= 1e-5
 
 
 def test_export_rejects_old_opset(tmp_path):
