@@ -83,6 +83,12 @@ def check_image_batch(x: torch.Tensor, in_chans: int, min_size: int = MIN_INPUT_
                          + ', HAT-Net needs at least ' + str(min_size) + 'x' + str(min_size))
 
 
+@torch.jit.unused
+def _exporting_onnx() -> bool:
+    """True while torch.onnx.export traces the model: norms and attention then write their ONNX forms."""
+    return torch.onnx.is_in_onnx_export()
+
+
 class GroupNorm1(nn.GroupNorm):
     """GroupNorm with one group (the original's norm layer), computed on the channels_last memory order.
 
@@ -97,15 +103,11 @@ class GroupNorm1(nn.GroupNorm):
         super().__init__(1, num_channels, eps=eps, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self._exporting_onnx():
+        if not torch.jit.is_scripting() and _exporting_onnx():
             return self._forward_onnx(x)
         x = x.permute(0, 2, 3, 1)  # (B, H, W, C), a view of the channels_last map
         normed = F.group_norm(x.reshape(x.shape[0], 1, -1), 1, eps=self.eps).view(x.shape)
         return torch.addcmul(self.bias, normed, self.weight).permute(0, 3, 1, 2)
-
-    @torch.jit.unused
-    def _exporting_onnx(self) -> bool:
-        return torch.onnx.is_in_onnx_export()
 
     @torch.jit.unused
     def _forward_onnx(self, x: torch.Tensor) -> torch.Tensor:
@@ -265,7 +267,7 @@ class HierarchicalAttention(nn.Module):
         self.proj_drop = nn.Dropout2d(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self._exporting_onnx():
+        if not torch.jit.is_scripting() and _exporting_onnx():
             out = self._attend_onnx(x)
         else:
             out = self._attend(x)
@@ -286,10 +288,6 @@ class HierarchicalAttention(nn.Module):
         q = _to_heads(self.q(local), 1, self.num_heads, self.head_dim)[0]
         k, v = _to_heads(self.kv(self.ds_norm(self.pool(local))), 2, self.num_heads, self.head_dim).unbind(0)
         return local + _from_heads(F.scaled_dot_product_attention(q, k, v), H, W)
-
-    @torch.jit.unused
-    def _exporting_onnx(self) -> bool:
-        return torch.onnx.is_in_onnx_export()
 
     @torch.jit.unused
     def _attend_onnx(self, x: torch.Tensor) -> torch.Tensor:
