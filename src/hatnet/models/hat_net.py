@@ -147,6 +147,21 @@ def _from_heads(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return x.transpose(1, 2).reshape(B, height, width, num_heads * head_dim).permute(0, 3, 1, 2)
 
 
+def _grid_padding(height: int, width: int, grid_size: int) -> Tuple[int, int]:
+    """Rows and columns of zeros that complete the bottom / right edge cells of a grid_size grid."""
+    return (grid_size - height % grid_size) % grid_size, (grid_size - width % grid_size) % grid_size
+
+
+def _cell_key_mask(height: int, width: int, grid_size: int, device: torch.device) -> torch.Tensor:
+    """(cells, 1, 1, G * G): True for each cell's keys that lie inside the height x width map (cells row-major)."""
+    pad_h, pad_w = _grid_padding(height, width, grid_size)
+    rows, cols = (height + pad_h) // grid_size, (width + pad_w) // grid_size
+    valid = (torch.arange(height + pad_h, device=device) < height)[:, None] & \
+        (torch.arange(width + pad_w, device=device) < width)
+    valid = valid.reshape(rows, grid_size, cols, grid_size).transpose(1, 2)
+    return valid.reshape(rows * cols, 1, 1, grid_size * grid_size)
+
+
 @register_notrace_function
 def grid_attention(qkv: torch.Tensor, grid_size: int, num_heads: int) -> torch.Tensor:
     """Local step of H-MHSA: self-attention inside each grid_size x grid_size cell.
@@ -158,7 +173,7 @@ def grid_attention(qkv: torch.Tensor, grid_size: int, num_heads: int) -> torch.T
     """
     B, C3, H, W = qkv.shape
     C = C3 // 3
-    pad_h, pad_w = (grid_size - H % grid_size) % grid_size, (grid_size - W % grid_size) % grid_size
+    pad_h, pad_w = _grid_padding(H, W, grid_size)
     rows, cols = (H + pad_h) // grid_size, (W + pad_w) // grid_size
     cells, cell = rows * cols, grid_size * grid_size
 
@@ -169,10 +184,7 @@ def grid_attention(qkv: torch.Tensor, grid_size: int, num_heads: int) -> torch.T
     # compiling / tracing is tested first: a symbolic pad size must not decide the graph
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or pad_h > 0 or pad_w > 0:
         qkv = F.pad(qkv, (0, 0, 0, pad_w, 0, pad_h))
-        valid = (torch.arange(H + pad_h, device=qkv.device) < H)[:, None] & \
-            (torch.arange(W + pad_w, device=qkv.device) < W)
-        key_mask = valid.reshape(rows, grid_size, cols, grid_size).transpose(1, 2).reshape(cells, 1, 1, cell)
-        key_mask = key_mask.repeat(B, 1, 1, 1)
+        key_mask = _cell_key_mask(H, W, grid_size, qkv.device).repeat(B, 1, 1, 1)
     qkv = qkv.reshape(B, rows, grid_size, cols, grid_size, C3).transpose(2, 3)
     qkv = qkv.reshape(B * cells, cell, 3, num_heads, C // num_heads)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -206,12 +218,10 @@ def _grid_attention_onnx(x: torch.Tensor, qkv_proj: nn.Conv2d, grid_size: int, n
     """
     B, C, H, W = x.shape
     head_dim = C // num_heads
-    pad_h, pad_w = (grid_size - H % grid_size) % grid_size, (grid_size - W % grid_size) % grid_size
+    pad_h, pad_w = _grid_padding(H, W, grid_size)
     rows, cols = (H + pad_h) // grid_size, (W + pad_w) // grid_size
     cells, cell = rows * cols, grid_size * grid_size
-
-    valid = (torch.arange(H + pad_h) < H)[:, None] & (torch.arange(W + pad_w) < W)
-    valid = valid.reshape(rows, grid_size, cols, grid_size).transpose(1, 2).reshape(cells, 1, 1, cell)
+    valid = _cell_key_mask(H, W, grid_size, x.device)
     key_bias = torch.zeros(valid.shape).masked_fill(~valid, float('-inf'))
 
     # each of q, k, v: (B, [rows, G], [cols, G], [heads, D]) -> (B, cells, heads, G * G, D)
