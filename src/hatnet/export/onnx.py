@@ -59,9 +59,39 @@ def export_onnx(
                 model, (example,), tmp, dynamo=False, opset_version=opset, input_names=['images'],
                 output_names=['output'], dynamic_axes={'images': {0: 'batch', 2: 'height', 3: 'width'},
                                                        'output': {0: 'batch'}})
+        _move_weights_into_loops(tmp)
 
     atomic_write(path, write)
     return path
+
+
+def _move_weights_into_loops(path: str) -> None:
+    """Make the weights used only inside a Loop body initializers of that body.
+
+    The exporter leaves them in the main graph, and onnxruntime converts a convolution to its blocked-layout
+    (NCHWc) kernel only when the weight is an initializer of the convolution's own graph: the convolutions of
+    hat_net's MLP loops (``InvertedResidual._forward_onnx``) would fall back to a slower kernel.
+    """
+    import onnx
+
+    model = onnx.load(path)
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    used_in_main_graph = {name for node in graph.node for name in node.input} | {out.name for out in graph.output}
+    users = {}  # initializer name -> the Loop bodies that read it
+    for node in graph.node:
+        for body in (attr.g for attr in node.attribute if node.op_type == 'Loop' and attr.name == 'body'):
+            for name in {name for body_node in body.node for name in body_node.input}:
+                if name in initializers:
+                    users.setdefault(name, []).append(body)
+    moved = {name for name, bodies in users.items() if len(bodies) == 1 and name not in used_in_main_graph}
+    for name in moved:
+        users[name][0].initializer.append(initializers[name])
+    if moved:
+        kept = [init for init in graph.initializer if init.name not in moved]
+        graph.ClearField('initializer')
+        graph.initializer.extend(kept)
+        onnx.save(model, path)
 
 
 class OnnxRunner:

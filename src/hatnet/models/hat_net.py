@@ -36,9 +36,9 @@ convolutions and the 1x1 projections are several times faster in NHWC, q/k/v are
 projection output that ``F.scaled_dot_product_attention`` reads directly, and its output is already the
 NHWC map, so each H-MHSA copies data only to gather and scatter the grid cells.
 
-ONNX graphs are NCHW and run by onnxruntime, whose best layout is different: while exporting, the norms
-and the attention switch to forms written for it (``GroupNorm1._forward_onnx``,
-``HierarchicalAttention._attend_onnx``), which give the same outputs.
+ONNX graphs are NCHW and run by onnxruntime, whose best layout is different: while exporting, the norms,
+the attention and the MLPs switch to forms written for it (``GroupNorm1._forward_onnx``,
+``HierarchicalAttention._attend_onnx``, ``InvertedResidual._forward_onnx``), which give the same outputs.
 
 The unused ``proj_norm``
 ------------------------
@@ -47,7 +47,9 @@ weights are in every released checkpoint and in the published parameter counts, 
 mode it is tied into the graph with a zero factor, so that every parameter receives a (zero) gradient:
 DistributedDataParallel without ``find_unused_parameters`` and gradient checks rely on that.
 """
+import functools
 import re
+import warnings
 from dataclasses import dataclass
 from urllib.error import URLError
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -115,12 +117,15 @@ class GroupNorm1(nn.GroupNorm):
 
 
 class _LayerNormOverCHW(torch.autograd.Function):
-    """GroupNorm(1, C) written to ONNX as one LayerNormalization over (C, H, W) with a (C, 1, 1) affine.
+    """GroupNorm(1, C) written to ONNX as one LayerNormalization over (C, H, W).
 
-    onnxruntime runs that as one kernel (instead of eleven nodes, in about the same time) whose statistics
-    stay precise on large maps: one float32 ReduceMean over all C * H * W values of a 1000 x 1344 image is off
-    by ~1e-4. With a full (C, H, W) affine onnxruntime takes a faster path that drifts the same way.
+    onnxruntime runs that as one kernel (instead of eleven nodes). It has two paths, chosen by the shape of
+    the affine: with a full (C, H, W) affine a fast one that sums in float32 one value after the other, so its
+    error grows with the map (6e-6 up to 2^18 values per image, 6e-4 at 250 x 336 x 48); with a (C, 1, 1)
+    affine a precise one (2e-7 at any size) that takes about twice the time. The graph picks the path from
+    the map's size at run time: the fast one for maps of up to ``FAST_PATH_MAX_VALUES`` values.
     """
+    FAST_PATH_MAX_VALUES = 1 << 18
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -128,9 +133,18 @@ class _LayerNormOverCHW(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, weight, bias, eps: float):
-        per_channel = g.op('Constant', value_t=torch.tensor([-1, 1, 1]))
-        return g.op('LayerNormalization', x, g.op('Reshape', weight, per_channel), g.op('Reshape', bias, per_channel),
-                    axis_i=1, epsilon_f=eps)
+        def constant(values):
+            return g.op('Constant', value_t=torch.tensor(values))
+
+        map_shape = g.op('Shape', x, start_i=1)
+        small = g.op('LessOrEqual', g.op('ReduceProd', map_shape, keepdims_i=0),
+                     constant(_LayerNormOverCHW.FAST_PATH_MAX_VALUES))
+        affine_shape = g.op('Where', small, map_shape, constant([1, 1, 1]))
+
+        def affine(param):
+            return g.op('Expand', g.op('Reshape', param, constant([-1, 1, 1])), affine_shape)
+
+        return g.op('LayerNormalization', x, affine(weight), affine(bias), axis_i=1, epsilon_f=eps)
 
 
 def _to_heads(x: torch.Tensor, parts: int, num_heads: int, head_dim: int) -> torch.Tensor:
@@ -321,8 +335,10 @@ class InvertedResidual(nn.Module):
     most ``slice_bytes``: that map is written and read four times (expand, SiLU, depth-wise, SiLU), and a
     slice that stays in the cache makes those passes cheap (hat_net_tiny and small at batch 16, 224 x 224:
     about 1.4x the throughput). Every operation is per image, so the result is that of the whole batch.
+    The ONNX export writes the same slicing as a loop over the batch (see ``_forward_onnx``).
     """
     slice_bytes: int = 16 << 20
+    onnx_slice_bytes: int = 4 << 20  # onnxruntime's best budget on CPU (docs/performance.md)
 
     def __init__(
             self,
@@ -348,6 +364,8 @@ class InvertedResidual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
+            if _exporting_onnx():
+                return self._forward_onnx(x)
             images_per_slice = self._images_per_slice(x)
             if images_per_slice < len(x):
                 return torch.cat([self._forward(part) for part in x.split(images_per_slice)])
@@ -366,6 +384,42 @@ class InvertedResidual(nn.Module):
         x = self.act1(self.fc1(self.norm(x)))
         x = self.drop1(self.act2(self.conv_dw(x)))
         return self.drop2(self.norm_out(self.fc2(x)))
+
+    @torch.jit.unused
+    def _forward_onnx(self, x: torch.Tensor) -> torch.Tensor:
+        # inference only (no dropout); the batch and the map size are dynamic in the graph, so the loop is
+        # scripted: tracing would unroll it for the example batch
+        hidden = _scripted_expand_in_slices()(
+            self.norm(x), self.fc1.weight, self.conv_dw.weight, self.fc2.weight,
+            self.onnx_slice_bytes, self.conv_dw.padding[0], self.conv_dw.groups)
+        return self.norm_out(hidden)
+
+
+def _expand_in_slices(
+        x: torch.Tensor,
+        fc1_weight: torch.Tensor,
+        dw_weight: torch.Tensor,
+        fc2_weight: torch.Tensor,
+        slice_bytes: int,
+        dw_padding: int,
+        dw_groups: int,
+) -> torch.Tensor:
+    """fc1 -> SiLU -> depth-wise -> SiLU -> fc2 on groups of images whose float32 hidden map fits ``slice_bytes``."""
+    images_per_slice = max(1, slice_bytes // (x.shape[2] * x.shape[3] * fc1_weight.shape[0] * 4))
+    outputs: List[torch.Tensor] = []
+    for start in range(0, x.shape[0], images_per_slice):
+        hidden = F.silu(F.conv2d(x[start:start + images_per_slice], fc1_weight))
+        hidden = F.silu(F.conv2d(hidden, dw_weight, padding=dw_padding, groups=dw_groups))
+        outputs.append(F.conv2d(hidden, fc2_weight))
+    return torch.cat(outputs)
+
+
+@functools.cache
+def _scripted_expand_in_slices():
+    # scripted on first use: only the ONNX export needs it (it becomes an ONNX Loop)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', FutureWarning)  # torch.jit.script is deprecated with the exporter it serves
+        return torch.jit.script(_expand_in_slices)
 
 
 class HatBlock(nn.Module):
