@@ -1,4 +1,7 @@
 """ONNX export: onnxruntime matches PyTorch on the reference fixture and at sizes that are not multiples of 224."""
+import os
+import stat
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -51,6 +54,9 @@ def test_export_cli_reports_the_check(exported):
     assert diff <= TOLERANCE
     assert onnx.stat().st_size > 40e6  # 12.7 M float32 weights are in the file
     assert not list(onnx.parent.glob('.tiny.onnx.*'))  # no temporary file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(onnx.stat().st_mode) == 0o666 & ~umask  # like any file the user creates
 
 
 def test_export_runs_each_mlp_as_a_loop_over_image_slices(exported):

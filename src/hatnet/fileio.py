@@ -75,6 +75,12 @@ def read_state_dict(path) -> Dict[str, torch.Tensor]:
     return unwrap_state_dict(load_file(path), source=str(path))
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write(path, write_fn: Callable[[str], Any]) -> None:
     """Call ``write_fn(temporary_path)``, then rename the result to ``path`` (creating its folder)."""
     path = Path(path)
@@ -85,6 +91,7 @@ def atomic_write(path, write_fn: Callable[[str], Any]) -> None:
         write_fn(tmp)
         with open(tmp, 'rb') as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is private (0600); give the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
