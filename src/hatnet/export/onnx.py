@@ -6,6 +6,7 @@ computed in the graph from the input size). The TorchScript-based exporter is us
 needs every shape expression of the grid padding proven by its symbolic solver, which fails for the
 ceil-mode and modulo arithmetic of ragged grids.
 """
+import io
 import os
 import warnings
 from pathlib import Path
@@ -52,30 +53,31 @@ def export_onnx(
     example = torch.randn(2, getattr(model, 'in_chans', 3), *example_size)
 
     def write(tmp: str) -> None:
+        import onnx
+
+        exported = io.BytesIO()
         with warnings.catch_warnings(), torch.no_grad():
             # the tracer warns about every Python int it records from a shape; they are traced dynamically here
             warnings.simplefilter('ignore')
             torch.onnx.export(
-                model, (example,), tmp, dynamo=False, opset_version=opset, input_names=['images'],
+                model, (example,), exported, dynamo=False, opset_version=opset, input_names=['images'],
                 output_names=['output'], dynamic_axes={'images': {0: 'batch', 2: 'height', 3: 'width'},
                                                        'output': {0: 'batch'}})
-        _move_weights_into_loops(tmp)
+        graph_model = onnx.load_from_string(exported.getvalue())
+        _move_weights_into_loops(graph_model.graph)
+        onnx.save(graph_model, tmp)
 
     atomic_write(path, write)
     return path
 
 
-def _move_weights_into_loops(path: str) -> None:
-    """Make the weights used only inside a Loop body initializers of that body.
+def _move_weights_into_loops(graph) -> None:
+    """Make the weights used only inside a Loop body initializers of that body (``graph``: an onnx GraphProto).
 
     The exporter leaves them in the main graph, and onnxruntime converts a convolution to its blocked-layout
     (NCHWc) kernel only when the weight is an initializer of the convolution's own graph: the convolutions of
     hat_net's MLP loops (``InvertedResidual._forward_onnx``) would fall back to a slower kernel.
     """
-    import onnx
-
-    model = onnx.load(path)
-    graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     used_in_main_graph = {name for node in graph.node for name in node.input} | {out.name for out in graph.output}
     users = {}  # initializer name -> the Loop bodies that read it
@@ -91,7 +93,6 @@ def _move_weights_into_loops(path: str) -> None:
         kept = [init for init in graph.initializer if init.name not in moved]
         graph.ClearField('initializer')
         graph.initializer.extend(kept)
-        onnx.save(model, path)
 
 
 class OnnxRunner:

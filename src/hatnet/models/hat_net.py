@@ -377,8 +377,7 @@ class InvertedResidual(nn.Module):
         # training autograd keeps every hidden map anyway
         if self.training or x.device.type != 'cpu' or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return len(x)
-        hidden_bytes_per_image = x[0].numel() // x.shape[1] * self.fc1.out_channels * x.element_size()
-        return max(1, self.slice_bytes // hidden_bytes_per_image)
+        return _images_per_slice(x, self.fc1.out_channels, x.element_size(), self.slice_bytes)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.fc1(self.norm(x)))
@@ -395,6 +394,11 @@ class InvertedResidual(nn.Module):
         return self.norm_out(hidden)
 
 
+def _images_per_slice(x: torch.Tensor, hidden_channels: int, value_bytes: int, slice_bytes: int) -> int:
+    """How many images of ``x`` fit ``slice_bytes`` with their (hidden_channels, H, W) hidden map (at least one)."""
+    return max(1, slice_bytes // (x.shape[2] * x.shape[3] * hidden_channels * value_bytes))
+
+
 def _expand_in_slices(
         x: torch.Tensor,
         fc1_weight: torch.Tensor,
@@ -404,8 +408,8 @@ def _expand_in_slices(
         dw_padding: int,
         dw_groups: int,
 ) -> torch.Tensor:
-    """fc1 -> SiLU -> depth-wise -> SiLU -> fc2 on groups of images whose float32 hidden map fits ``slice_bytes``."""
-    images_per_slice = max(1, slice_bytes // (x.shape[2] * x.shape[3] * fc1_weight.shape[0] * 4))
+    """fc1 -> SiLU -> depth-wise -> SiLU -> fc2 on groups of images whose hidden map fits ``slice_bytes``."""
+    images_per_slice = _images_per_slice(x, fc1_weight.shape[0], 4, slice_bytes)  # the export is float32
     outputs: List[torch.Tensor] = []
     for start in range(0, x.shape[0], images_per_slice):
         hidden = F.silu(F.conv2d(x[start:start + images_per_slice], fc1_weight))
