@@ -90,3 +90,52 @@ def test_bad_inputs_raise_one_clear_error(shape, message):
         model(torch.randn(*shape))
     with pytest.raises(InputError, match=message):
         timm.create_model('hat_net_tiny', features_only=True)(torch.randn(*shape))
+
+
+@pytest.mark.parametrize('size, grid_size', [((14, 14), 7), ((13, 10), 7), ((5, 9), 8)])
+def test_attention_maps_are_the_probabilities_of_the_forward(size, grid_size):
+    """Applied to the values, the local probabilities give grid_attention (ragged cells included) and the
+    global ones the module's output; every valid query's probabilities sum to 1 over valid keys only."""
+    torch.manual_seed(0)
+    attn = HierarchicalAttention(dim=12, head_dim=4, grid_size=grid_size, pool_ratio=4).eval()
+    x = torch.randn(2, 12, *size, dtype=torch.float64)
+    attn.double()
+    height, width = size
+    with torch.no_grad():
+        maps = attn.attention_maps(x)
+        qkv = attn.qkv(attn.norm(x))
+        rows, cols = maps['grid']
+        assert maps['map_size'] == size and maps['grid_size'] == grid_size
+        assert maps['local'].shape == (2, rows * cols, 3, grid_size ** 2, grid_size ** 2)
+        assert maps['pooled_size'] == tuple(math.ceil(s / 4) for s in size)
+        local_out = torch.zeros(2, 3, 4, height, width, dtype=torch.float64)
+        v = qkv.reshape(2, 3, 3, 4, height, width)[:, 2]  # (B, heads, head_dim, H, W)
+        for r in range(height):
+            for c in range(width):
+                top, left = r // grid_size * grid_size, c // grid_size * grid_size
+                cell = (r // grid_size) * cols + c // grid_size
+                probs = maps['local'][:, cell, :, (r - top) * grid_size + c - left].reshape(2, 3, grid_size, grid_size)
+                valid = probs[..., :height - top, :width - left]
+                torch.testing.assert_close(valid.sum((-2, -1)), torch.ones(2, 3, dtype=torch.float64))
+                padding = probs.clone()
+                padding[..., :height - top, :width - left] = 0
+                assert not padding.any()  # keys in the padding get nothing
+                local_out[..., r, c] = torch.einsum(
+                    'bhyx,bhdyx->bhd', valid, v[..., top:top + grid_size, left:left + grid_size])
+        torch.testing.assert_close(local_out.reshape(2, 12, height, width), grid_attention(qkv, grid_size, 3))
+        local = attn.grid_norm(x + grid_attention(qkv, grid_size, 3))
+        pooled_v = attn.kv(attn.ds_norm(attn.pool(local))).reshape(2, 2, 3, 4, -1)[:, 1]
+        mixed = local + torch.einsum('bhnm,bhdm->bhdn', maps['global'], pooled_v).reshape(2, 12, height, width)
+        torch.testing.assert_close(attn.proj(mixed), attn(x))
+
+
+def test_attention_maps_without_grid_are_plain_self_attention():
+    torch.manual_seed(0)
+    attn = HierarchicalAttention(dim=8, head_dim=4).eval().double()
+    x = torch.randn(1, 8, 3, 5, dtype=torch.float64)
+    with torch.no_grad():
+        maps = attn.attention_maps(x)
+        v = attn.qkv(attn.norm(x)).reshape(1, 3, 2, 4, 15)[:, 2]
+        mixed = torch.einsum('bhnm,bhdm->bhdn', maps['global'], v).reshape(1, 8, 3, 5)
+        torch.testing.assert_close(attn.proj(mixed), attn(x))
+    assert set(maps) == {'map_size', 'global'} and maps['global'].shape == (1, 2, 15, 15)

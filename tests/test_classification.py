@@ -18,7 +18,8 @@ from hatnet.data.classification import DigitsDataset
 from hatnet.models.hat_net import grid_attention
 from hatnet.reference import reference_state_dict
 from hatnet.tasks.classification import (
-    ClassificationTask, attention_probabilities, confusion_matrix, per_class_accuracy, summarize)
+    ClassificationTask, confusion_matrix, per_class_accuracy, summarize)
+from hatnet.tasks.attention import attention_probabilities
 from test_engine import one_thread  # noqa: F401  (autouse fixture: one intra-op thread for small models)
 
 COLOURS = {'blue': (40, 60, 220), 'green': (40, 200, 60), 'red': (220, 40, 40)}
@@ -126,7 +127,7 @@ def test_fine_tuning_from_an_original_checkpoint_resets_the_head_and_freezes_sta
     torch.save({'model': original}, tmp_path / 'HAT-Net_Tiny.pth')
     out = tmp_path / 'finetune'
     assert hatnet(*TRAIN, '--data', folder, '--out', out, '--iters', 2, '--pretrained', tmp_path / 'HAT-Net_Tiny.pth',
-                  '--freeze-stages', 1) == 0
+                  '--frozen-stages', 1) == 0
     tuned = torch.load(out / 'last.pth', weights_only=True)['model']
     reference = timm.create_model('hat_net_tiny', pretrained=True,
                                   pretrained_cfg_overlay=dict(state_dict=original)).state_dict()

@@ -15,9 +15,10 @@ from hatnet.cli import main
 from hatnet.data.detection import CocoDetection, collate, detection_transforms
 from hatnet.errors import CheckpointError, HatNetError
 from hatnet.models.detection import maskrcnn_hat_net, retinanet_hat_net
-from hatnet.tasks.detection import (
-    DetectionConfig, DetectionTask, coco_metrics, coco_results, detection_configs, load_detector)
-
+from hatnet.engine import load_run_checkpoint
+from hatnet.cli.train import recipe_for
+from hatnet.engine import resolve_config
+from hatnet.tasks.detection import DetectionConfig, DetectionTask, coco_metrics, coco_results
 
 
 @pytest.fixture(scope='module')
@@ -56,7 +57,7 @@ def test_frozen_stages_and_group_norms_kept():
     assert all(p.requires_grad for p in model.backbone.fpn.parameters())
     norms = [m for m in body.modules() if 'Norm' in type(m).__name__]
     assert norms and all(isinstance(m, torch.nn.GroupNorm) for m in norms)  # nothing became a frozen BatchNorm
-    with pytest.raises(HatNetError, match='cannot freeze 5 stages: the backbone has 4'):
+    with pytest.raises(HatNetError, match='cannot freeze 5 stages: the model has 4'):
         retinanet_hat_net(num_classes=3, frozen_stages=5)
 
 
@@ -70,6 +71,18 @@ def test_backbone_loads_imagenet_weights(tmp_path):
     (tmp_path / 'bad.pth').write_bytes(b'garbage')
     with pytest.raises(CheckpointError, match='bad.pth'):
         retinanet_hat_net(num_classes=3, pretrained_backbone=str(tmp_path / 'bad.pth'))
+
+
+def test_a_wrong_checkpoint_for_another_timm_backbone_is_one_clear_error(tmp_path):
+    resnet = timm.create_model('resnet18').state_dict()
+    del resnet['layer2.0.conv1.weight']
+    torch.save(resnet, tmp_path / 'resnet18.pth')
+    with pytest.raises(CheckpointError, match=r'resnet18\.pth does not fit resnet18: 1 weights missing, '
+                                              r"e\.g\. \['layer2\.0\.conv1\.weight'\]"):
+        retinanet_hat_net(num_classes=3, backbone='resnet18', pretrained_backbone=tmp_path / 'resnet18.pth')
+    torch.save(timm.create_model('hat_net_tiny').state_dict(), tmp_path / 'hat_net_tiny.pth')
+    with pytest.raises(CheckpointError, match=r'hat_net_tiny\.pth does not fit resnet18'):
+        maskrcnn_hat_net(num_classes=3, backbone='resnet18', pretrained_backbone=tmp_path / 'hat_net_tiny.pth')
 
 
 def test_any_timm_backbone_and_inference_limits():
@@ -87,8 +100,12 @@ def test_a_few_steps_lower_the_loss(shapes, arch):
     torch.manual_seed(0)
     task = DetectionTask(DetectionConfig(arch=arch, data=str(shapes), min_size=64, max_size=80, hflip=0.,
                                          roi_batch_size=64))
+    train_set, _ = task.build_datasets()  # first: the model's number of classes comes from the data
     model = task.build_model().train()
-    batch = collate([task.build_datasets()[0][i] for i in range(2)])
+    outputs = model.head.classification_head.num_classes if arch == 'retinanet' else \
+        model.roi_heads.box_predictor.cls_score.out_features
+    assert outputs == 1 + len(train_set.class_names)  # and the background
+    batch = collate([train_set[i] for i in range(2)])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
     losses = []
     for _ in range(4):
@@ -136,6 +153,11 @@ def test_perfect_detections_score_1_and_shifted_boxes_score_lower(shapes):
 
 # ---------------------------------------------------------------------------------------------- settings
 
+def detection_configs(options):
+    """The settings ``hatnet det train`` resolves from its options (no recipe given)."""
+    return resolve_config(DetectionConfig, options, *recipe_for('det', None, options))
+
+
 def test_default_recipe_per_arch_and_rescaled_schedule():
     train_cfg, task_cfg = detection_configs(dict(arch='maskrcnn', data='d', out='o', iters=300))
     assert (task_cfg.arch, train_cfg.lr, train_cfg.weight_decay) == ('maskrcnn', 2e-4, 1e-4)
@@ -178,7 +200,7 @@ def test_train_then_eval_json(runs, shapes, arch, capsys):
     assert expected <= set(metrics) and all(0 <= metrics[k] <= 1 for k in expected)
     assert ('segm_AP' in metrics) == (arch == 'maskrcnn')
     # the same numbers the trainer logged for its best checkpoint
-    assert metrics['bbox_AP'] == pytest.approx(load_detector(runs / arch).metrics['val_bbox_AP'], abs=1e-6)
+    assert metrics['bbox_AP'] == pytest.approx(load_run_checkpoint(runs / arch).metrics['val_bbox_AP'], abs=1e-6)
     detections = json.loads((runs / f'{arch}_results.json').read_text())
     assert all({'image_id', 'category_id', 'bbox', 'score'} <= set(d) for d in detections)
 
@@ -212,3 +234,15 @@ def test_command_errors_are_one_line(runs, shapes, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(['det', 'eval', '--data', str(shapes), '--checkpoint', str(tmp_path), '--device', 'cpu'])
     assert 'has no best.pth' in capsys.readouterr().err
+
+
+def test_train_with_a_wrong_backbone_checkpoint_stops_before_writing(shapes, tmp_path, capsys):
+    torch.save(timm.create_model('hat_net_tiny').state_dict(), tmp_path / 'hat_net_tiny.pth')
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(['det', 'train', '--model', 'resnet18', '--pretrained', str(tmp_path / 'hat_net_tiny.pth'),
+              '--data', str(shapes), '--out', str(tmp_path / 'run'), '--iters', '1', '--batch-size', '2',
+              '--workers', '0', '--device', 'cpu'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1 and 'hat_net_tiny.pth does not fit resnet18' in err[0]
+    assert not (tmp_path / 'run').exists()

@@ -1,5 +1,6 @@
 """The trainer on a toy task: optimisation, exact resume, DDP, schedules, run-directory rules."""
 import csv
+import dataclasses
 import math
 import os
 import random
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from hatnet.engine import Task, TrainConfig, distributed, load_run_checkpoint, resolve_config, train
+from hatnet.engine import Task, TrainConfig, build_configs, distributed, load_run_checkpoint, resolve_config, train
 from hatnet.errors import CheckpointError, HatNetError
 
 
@@ -143,6 +144,25 @@ def test_resume_after_crash_ends_where_an_uninterrupted_run_does(tmp_path, lengt
     full, resumed = _params(tmp_path / 'full'), _params(tmp_path / 'crashed')
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     assert _rows(tmp_path / 'full') == _rows(tmp_path / 'crashed')
+
+
+class SizedByDataTask(ToyTask):
+    """A task whose model needs what only the data knows (the number of classes), with the default state()."""
+
+    def build_datasets(self):
+        self.class_names = ['negative', 'positive']
+        return super().build_datasets()
+
+    def build_model(self):
+        return nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, len(self.class_names)))
+
+    state = Task.state
+
+
+def test_datasets_are_built_before_the_model_and_the_state_has_one_schema(tmp_path):
+    train(SizedByDataTask(), _cfg(tmp_path / 'run', iters=4))
+    state = load_run_checkpoint(tmp_path / 'run').task_state
+    assert state == dict(model=None, class_names=['negative', 'positive'], config=dataclasses.asdict(ToyConfig()))
 
 
 def test_bf16_autocast_trains(tmp_path):
@@ -285,6 +305,12 @@ def test_recipes_split_coerce_and_reject_unknown_keys(tmp_path):
         resolve_config(ToyConfig, {}, recipe=str(recipe))
     with pytest.raises(HatNetError, match='neither a file nor a bundled recipe'):
         resolve_config(ToyConfig, {}, recipe='no_such_recipe')
+
+
+def test_renamed_settings_of_older_runs_are_read_under_their_new_name():
+    from hatnet.tasks.classification import ClassificationConfig
+    _, task_cfg = build_configs({'freeze_stages': 2, 'epochs': 1}, ClassificationConfig)
+    assert task_cfg.frozen_stages == 2
 
 
 def test_resume_reads_the_runs_own_config(tmp_path):

@@ -6,8 +6,7 @@ import pytest
 import timm
 import torch
 
-from hatnet.models import VARIANT_ARGS
-from hatnet.models.hat_net import remap_original_keys
+from hatnet.models import VARIANT_ARGS, remap_original_keys
 from hatnet.reference import VARIANT_NAMES, official_reference, reference_state_dict, self_check
 
 from conftest import original_extra_cases

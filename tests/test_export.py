@@ -8,8 +8,10 @@ from typer.testing import CliRunner
 
 from hatnet.cli import app
 from hatnet.export import OnnxRunner, export_onnx, load_model
+from hatnet.export.hat_net_onnx import grid_attention_onnx
 from hatnet.errors import HatNetError
-from hatnet.models.hat_net import GroupNorm1, _grid_attention_onnx, grid_attention
+from hatnet.models import HatNet, optimize_for_cpu
+from hatnet.models.hat_net import GroupNorm1, grid_attention
 from hatnet.reference import official_reference, reference_input, reference_state_dict
 
 TOLERANCE = 1e-4
@@ -103,9 +105,24 @@ def test_local_step_written_for_onnx_equals_the_eager_one(size, grid_size, num_h
     normed = torch.randn(2, dim, *size, generator=generator)
     with torch.no_grad():
         expected = grid_attention(qkv_proj(normed), grid_size, num_heads)
-        written = _grid_attention_onnx(normed, qkv_proj, grid_size, num_heads)
+        written = grid_attention_onnx(normed, qkv_proj, grid_size, num_heads)
     assert written.shape == expected.shape == normed.shape
     assert (written - expected).abs().max().item() <= 1e-5
+
+
+def test_export_leaves_the_model_untouched(tmp_path):
+    """The export traces a copy in its ONNX forms: the user's model keeps its modules, mode and outputs."""
+    model = optimize_for_cpu(HatNet(embed_dims=(16, 32, 48, 64), head_dim=16, depths=(1, 1, 1, 1), num_classes=3))
+    classes = [type(m) for m in model.modules()]
+    images = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        expected = model.eval()(images)
+    model.train()
+    path = export_onnx(model, tmp_path / 'small.onnx')
+    assert [type(m) for m in model.modules()] == classes and model.training
+    with torch.inference_mode():
+        assert torch.equal(model.eval()(images), expected)
+    assert (OnnxRunner(path)(images) - expected).abs().max().item() <= TOLERANCE
 
 
 def test_export_rejects_old_opset(tmp_path):

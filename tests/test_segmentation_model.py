@@ -59,7 +59,7 @@ def test_other_timm_backbones_use_their_stride_4_to_32_features():
 def test_backbone_without_stride_4_features_is_rejected():
     with pytest.raises(HatNetError, match='stride'):
         SemanticFPN('vit_tiny_patch16_224', num_classes=3)
-    with pytest.raises(HatNetError, match='unknown backbone'):
+    with pytest.raises(HatNetError, match="unknown model 'no_such_model'"):
         SemanticFPN('no_such_model', num_classes=3)
 
 

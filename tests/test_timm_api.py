@@ -7,7 +7,6 @@ import torch
 from timm.models._manipulate import group_parameters
 
 from hatnet.models import HatNet
-from hatnet.models.hat_net import InvertedResidual
 
 
 @pytest.fixture(scope='module')
@@ -136,20 +135,3 @@ def test_torchvision_feature_pyramid_on_features_only():
         pyramid = fpn(OrderedDict((str(i), f) for i, f in enumerate(backbone(torch.randn(1, 3, 160, 224)))))
     assert [tuple(p.shape) for p in pyramid.values()] == [(1, 256, 40, 56), (1, 256, 20, 28), (1, 256, 10, 14),
                                                          (1, 256, 5, 7)]
-
-
-def test_cpu_inference_in_batch_slices_equals_the_whole_batch(tiny, monkeypatch):
-    images = torch.randn(3, 3, 96, 80)
-    unsliced_forward, slice_sizes = InvertedResidual._forward, []
-
-    def recording_forward(self, x):
-        slice_sizes.append(len(x))
-        return unsliced_forward(self, x)
-
-    with torch.inference_mode():
-        whole = tiny(images)
-        monkeypatch.setattr(InvertedResidual, 'slice_bytes', 1)  # one image per slice in every block
-        monkeypatch.setattr(InvertedResidual, '_forward', recording_forward)
-        sliced = tiny(images)
-    assert slice_sizes == [1] * 3 * sum(len(stage.blocks) for stage in tiny.stages)
-    torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-5)

@@ -2,6 +2,12 @@
 
 ``import hatnet`` registers ``hat_net_tiny``, ``hat_net_small``, ``hat_net_medium`` and ``hat_net_large``
 in timm's registry, so ``timm.create_model('hat_net_tiny', ...)`` works everywhere timm does.
+
+``hatnet.load(run)`` brings any trained run back for inference::
+
+    predictor = hatnet.load('runs/ade')           # classification, segmentation or detection
+    results = predictor.predict(['a.jpg', pil_image, numpy_array])
+    metrics = predictor.evaluate('/data/ADEChallengeData2016')
 """
 from . import models
 from .errors import CheckpointError, DatasetError, HatNetError, InputError
@@ -9,4 +15,20 @@ from .models import MODEL_NAMES, HatNet
 
 __version__ = '0.1.0'
 
-__all__ = ['CheckpointError', 'DatasetError', 'HatNet', 'HatNetError', 'InputError', 'MODEL_NAMES', 'models']
+__all__ = ['CheckpointError', 'DatasetError', 'HatNet', 'HatNetError', 'InputError', 'MODEL_NAMES', 'load', 'models']
+
+
+def load(run, device: str = 'auto', **options):
+    """A trained model ready for inference: a run directory (its best checkpoint), a checkpoint file, or a bare
+    weights file (an original HAT-Net ``.pth``, a hatnet ``.safetensors``, a timm checkpoint: a classifier).
+
+    The checkpoint's ``task`` picks the task; ``options`` go to its ``Task.load``: classification ``model``,
+    ``img_size``; segmentation ``short_side``, ``slide``, ``window``; detection ``score_thresh``,
+    ``detections_per_img``, ``min_size``, ``max_size``. Returns a :class:`~hatnet.tasks.predictor.Predictor`:
+    ``predict(images)`` and ``evaluate(data)``.
+    """
+    from .engine.checkpoint import load_run_checkpoint
+    from .tasks import get_task
+
+    checkpoint = load_run_checkpoint(run)
+    return get_task(checkpoint.task or 'classification').load(checkpoint, device=device, **options)

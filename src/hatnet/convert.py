@@ -7,7 +7,7 @@ import timm
 from .fileio import read_state_dict, save_safetensors_atomic
 from .errors import CheckpointError
 from .models import MODEL_NAMES, checkpoint_filter_fn, guess_variant
-from .models.hat_net import remap_original_keys
+from .models.weights import remap_original_keys
 
 
 def convert_checkpoint(src, dst, model_name: Optional[str] = None, overwrite: bool = False) -> str:

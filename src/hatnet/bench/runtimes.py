@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import torch
 
 from ..errors import HatNetError
+from ..models import optimize_for_cpu
 
 RUNTIMES = ('eager', 'compile', 'onnxruntime')
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
@@ -48,7 +49,12 @@ def _autocast(settings: RunSettings):
 
 
 def make_runner(model: torch.nn.Module, runtime: str, settings: RunSettings, workdir: Optional[Path] = None):
-    """A callable running ``model`` (eval mode) under ``runtime``; raises HatNetError if unsupported."""
+    """A callable running ``model`` (eval mode) under ``runtime``; raises HatNetError if unsupported.
+
+    On CPU the eager and compile runtimes run hat_net models in their CPU inference form,
+    ``hatnet.models.optimize_for_cpu`` (applied to ``model`` in place; a no-op for other models, and under
+    torch.compile the graph runs the whole batch anyway).
+    """
     if runtime == 'onnxruntime':
         from ..export import OnnxRunner, export_onnx
         if settings.device.type != 'cpu' or settings.dtype != 'fp32':
@@ -60,6 +66,8 @@ def make_runner(model: torch.nn.Module, runtime: str, settings: RunSettings, wor
     if runtime not in ('eager', 'compile'):
         raise HatNetError(f'unknown runtime {runtime!r}, choose from {", ".join(RUNTIMES)}')
     model = model.to(settings.device)
+    if settings.device.type == 'cpu':
+        optimize_for_cpu(model)
     if settings.channels_last:
         model = model.to(memory_format=torch.channels_last)
     forward = compile_model(model) if runtime == 'compile' else model

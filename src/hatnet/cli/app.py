@@ -1,11 +1,24 @@
-"""The typer applications every command module registers on."""
+"""The typer applications every command module registers on, and the check for optional dependencies."""
+import importlib.util
+
 import typer
+
+from ..errors import HatNetError
 
 app = typer.Typer(
     name='hatnet', no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help='HAT-Net (Vision Transformers with Hierarchical Attention): models, training, evaluation, '
          'benchmarks and export.')
+cls_app = typer.Typer(no_args_is_help=True, help='Image classification (also the top-level train, eval, predict, '
+                                                 'attention and demo).')
 seg_app = typer.Typer(no_args_is_help=True, help='Semantic segmentation with a Semantic FPN head.')
 det_app = typer.Typer(no_args_is_help=True, help='Object detection (RetinaNet) and instance segmentation (Mask R-CNN).')
+app.add_typer(cls_app, name='cls')
 app.add_typer(seg_app, name='seg')
 app.add_typer(det_app, name='det')
+
+
+def require(module: str, extra: str) -> None:
+    """One error naming the extra to install when a command needs an optional package that is missing."""
+    if importlib.util.find_spec(module) is None:
+        raise HatNetError(f"this command needs {module}, which is not installed: pip install 'hatnet[{extra}]'")

@@ -1,4 +1,4 @@
-"""``hatnet bench`` and ``hatnet export``."""
+"""``hatnet bench``."""
 from pathlib import Path
 from typing import Optional
 
@@ -6,7 +6,8 @@ import typer
 from rich.console import Console
 
 from ..errors import HatNetError
-from .app import app
+from .app import app, require
+from .options import comma_list
 
 
 def _device(name: str):
@@ -16,10 +17,6 @@ def _device(name: str):
     if name == 'cuda' and not torch.cuda.is_available():
         raise HatNetError('--device cuda: no CUDA device is available')
     return torch.device('cuda' if name == 'auto' and torch.cuda.is_available() else 'cpu' if name == 'auto' else name)
-
-
-def _split(text: str) -> list:
-    return [part.strip() for part in text.split(',') if part.strip()]
 
 
 @app.command()
@@ -48,12 +45,14 @@ def bench(
         out: Path = typer.Option(Path('bench-results'), help='Folder for bench.csv, throughput.png and memory.png.'),
 ):
     """Throughput, batch-1 latency, peak memory and GMACs of HAT-Net and timm peers, measured side by side."""
+    for package in ('fvcore', 'matplotlib') + (('onnxruntime', 'onnx') if 'onnxruntime' in runtime else ()):
+        require(package, 'bench')
     import torch
 
     from ..bench import (DEFAULT_MODELS, DTYPES, RUNTIMES, BenchConfig, RunSettings, describe_machine,
                          keep_freed_memory, load_average, parse_resolution, plot, run_bench, table, write_csv)
 
-    runtimes = _split(runtime)
+    runtimes = comma_list(runtime)
     for name in runtimes:
         if name not in RUNTIMES:
             raise HatNetError(f'unknown runtime {name!r}, choose from {", ".join(RUNTIMES)}')
@@ -62,11 +61,11 @@ def bench(
     if batch_size < 1 or rounds < 1 or warmup < 1 or (threads is not None and threads < 1):
         raise HatNetError('--batch-size, --rounds, --warmup and --threads must be at least 1')
     settings = RunSettings(_device(device), dtype=dtype, channels_last=channels_last, threads=threads)
-    model_names = _split(models) if models is not None else list(DEFAULT_MODELS)
+    model_names = comma_list(models) if models is not None else list(DEFAULT_MODELS)
     if not model_names:
         raise HatNetError('--models is empty')
     config = BenchConfig(
-        models=model_names, resolutions=[parse_resolution(r) for r in _split(resolutions)], runtimes=runtimes,
+        models=model_names, resolutions=[parse_resolution(r) for r in comma_list(resolutions)], runtimes=runtimes,
         settings=settings, batch_size=batch_size, scale_batch=scale_batch, rounds=rounds, warmup=warmup,
         latency=latency, max_forward_seconds=max_seconds, baseline=baseline)
 
@@ -97,32 +96,3 @@ def bench(
          f'Peak memory of one batch vs input size\n{subtitle}')
     console.print(table(rows, base, f'hatnet bench: {subtitle}\ntorch {torch.__version__}'))
     console.print(f'wrote {out / "bench.csv"}, {out / "throughput.png"}, {out / "memory.png"}')
-
-
-@app.command()
-def export(
-        model: str = typer.Argument(..., help='Model name, e.g. hat_net_tiny.'),
-        onnx: Path = typer.Option(..., '--onnx', help='Output .onnx file.'),
-        checkpoint: Optional[Path] = typer.Option(None, help='Weights: an original HAT-Net .pth or a hatnet .safetensors.'),
-        opset: int = typer.Option(18, help='ONNX opset (17 or newer).'),
-        check_size: str = typer.Option('224,250x333', help='Sizes at which onnxruntime is compared with PyTorch.'),
-):
-    """Export a model to ONNX with dynamic batch, height and width, and check it against PyTorch."""
-    import torch
-
-    from ..bench import parse_resolution
-    from ..export import OnnxRunner, export_onnx, load_model
-
-    sizes = [parse_resolution(s) for s in _split(check_size)]
-    net = load_model(model, checkpoint)
-    console = Console()
-    with console.status(f'exporting {model}'):
-        export_onnx(net, onnx, opset=opset)
-    runner = OnnxRunner(onnx)
-    generator = torch.Generator().manual_seed(0)
-    for size in sizes:
-        images = torch.randn(2, getattr(net, 'in_chans', 3), *size, generator=generator)
-        with torch.inference_mode():
-            diff = (runner(images) - net(images)).abs().max().item()
-        console.print(f'onnxruntime vs PyTorch at 2x{size[0]}x{size[1]}: max |Δ| {diff:.2e}')
-    console.print(f'wrote {onnx} (opset {opset}, dynamic batch/height/width)')

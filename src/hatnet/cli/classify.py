@@ -1,6 +1,5 @@
-"""``hatnet train / eval / predict / attention / demo``: image classification."""
+"""``hatnet eval / predict / attention / demo``: image classification."""
 import json
-import os
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -13,112 +12,23 @@ from ..errors import HatNetError
 from ..fileio import write_csv_atomic
 from .app import app
 
-RUN_OPTIONS = 'run'
-MODEL_OPTIONS = 'model and data'
-OPT_OPTIONS = 'optimisation'
-AUG_OPTIONS = 'augmentation'
 
+def _evaluation_report(result, out_dir: Path, title: str):
+    """Write confusion_matrix.png and per_class.csv of an evaluation to out_dir; return (report dict, per-class
+    rows)."""
+    import torch
 
-def _is_main_process() -> bool:
-    return int(os.environ.get('RANK', '0')) == 0  # torchrun starts every rank with the same command
-
-
-@app.command()
-def train(
-        data: Optional[str] = typer.Option(None, help="ImageFolder root with train/ and val/, or 'digits' (embedded, "
-                                                      "no download).", rich_help_panel=MODEL_OPTIONS),
-        model: Optional[str] = typer.Option(None, help='hat_net_{tiny,small,medium,large} or any timm model.',
-                                            rich_help_panel=MODEL_OPTIONS),
-        out: Optional[str] = typer.Option(None, help='Run directory (default: runs/MODEL-DATA).',
-                                          rich_help_panel=RUN_OPTIONS),
-        recipe: Optional[str] = typer.Option(None, help="'paper' (ImageNet, the paper's), 'digits', another bundled "
-                                                        "recipe or a YAML file; options given here override it.",
-                                             rich_help_panel=RUN_OPTIONS),
-        resume: bool = typer.Option(False, '--resume', help="Continue the run in --out (its config.yaml) from its "
-                                                            "last checkpoint.", rich_help_panel=RUN_OPTIONS),
-        overwrite: bool = typer.Option(False, '--overwrite', help='Replace an existing run directory.',
-                                       rich_help_panel=RUN_OPTIONS),
-        epochs: Optional[int] = typer.Option(None, rich_help_panel=RUN_OPTIONS),
-        iters: Optional[int] = typer.Option(None, help='Optimiser steps instead of epochs.',
-                                            rich_help_panel=RUN_OPTIONS),
-        batch_size: Optional[int] = typer.Option(None, help='Per process.', rich_help_panel=RUN_OPTIONS),
-        img_size: Optional[int] = typer.Option(None, help='(default: the model\'s, 32 for the digits)',
-                                               rich_help_panel=MODEL_OPTIONS),
-        pretrained: Optional[str] = typer.Option(None, help='Original HAT-Net .pth, our .safetensors / .pth or a run '
-                                                            'directory; a classifier of another size is reset.',
-                                                 rich_help_panel=MODEL_OPTIONS),
-        num_classes: Optional[int] = typer.Option(None, help='(default: the number of class folders)',
-                                                  rich_help_panel=MODEL_OPTIONS),
-        freeze_stages: Optional[int] = typer.Option(None, help='Freeze the stem and the first N stages.',
-                                                    rich_help_panel=MODEL_OPTIONS),
-        drop_path: Optional[float] = typer.Option(None, help='Stochastic depth (default: per variant).',
-                                                  rich_help_panel=MODEL_OPTIONS),
-        opt: Optional[str] = typer.Option(None, help='timm optimizer name (default: adamw).',
-                                          rich_help_panel=OPT_OPTIONS),
-        lr: Optional[float] = typer.Option(None, rich_help_panel=OPT_OPTIONS),
-        lr_base_size: Optional[int] = typer.Option(None, help='Scale lr by global batch / this.',
-                                                   rich_help_panel=OPT_OPTIONS),
-        weight_decay: Optional[float] = typer.Option(None, rich_help_panel=OPT_OPTIONS),
-        layer_decay: Optional[float] = typer.Option(None, rich_help_panel=OPT_OPTIONS),
-        sched: Optional[str] = typer.Option(None, help='cosine | poly | step | constant.',
-                                            rich_help_panel=OPT_OPTIONS),
-        warmup_epochs: Optional[float] = typer.Option(None, rich_help_panel=OPT_OPTIONS),
-        min_lr: Optional[float] = typer.Option(None, rich_help_panel=OPT_OPTIONS),
-        clip_grad: Optional[float] = typer.Option(None, help='Gradient-norm clipping.', rich_help_panel=OPT_OPTIONS),
-        accum_steps: Optional[int] = typer.Option(None, help='Gradient accumulation.', rich_help_panel=OPT_OPTIONS),
-        ema: Optional[bool] = typer.Option(None, help='Keep (and evaluate) an EMA of the weights.',
-                                           rich_help_panel=OPT_OPTIONS),
-        amp: Optional[str] = typer.Option(None, help='none | bf16 | fp16 (CUDA).', rich_help_panel=OPT_OPTIONS),
-        channels_last: Optional[bool] = typer.Option(None, rich_help_panel=OPT_OPTIONS),
-        seed: Optional[int] = typer.Option(None, rich_help_panel=OPT_OPTIONS),
-        aa: Optional[str] = typer.Option(None, help='RandAugment policy, e.g. rand-m9-mstd0.5-inc1.',
-                                         rich_help_panel=AUG_OPTIONS),
-        reprob: Optional[float] = typer.Option(None, help='RandomErasing probability.', rich_help_panel=AUG_OPTIONS),
-        mixup: Optional[float] = typer.Option(None, help='Mixup alpha.', rich_help_panel=AUG_OPTIONS),
-        cutmix: Optional[float] = typer.Option(None, help='CutMix alpha.', rich_help_panel=AUG_OPTIONS),
-        smoothing: Optional[float] = typer.Option(None, help='Label smoothing.', rich_help_panel=AUG_OPTIONS),
-        workers: Optional[int] = typer.Option(None, help='Data-loading processes.', rich_help_panel=RUN_OPTIONS),
-        eval_every: Optional[int] = typer.Option(None, help='Epochs (or steps with --iters).',
-                                                 rich_help_panel=RUN_OPTIONS),
-        save_every: Optional[int] = typer.Option(None, help='Also checkpoint every N optimiser steps.',
-                                                 rich_help_panel=RUN_OPTIONS),
-        device: Optional[str] = typer.Option(None, help='auto | cpu | cuda.', rich_help_panel=RUN_OPTIONS),
-):
-    """Train a classifier (the one trainer: resumable, distributed with torchrun, see docs/training.md)."""
-    options = dict(locals())
-    from ..engine import resolve_config, train as run_training
-    from ..tasks.classification import ClassificationConfig, ClassificationTask
-
-    recipe = options.pop('recipe')
-    options['drop_path_rate'] = options.pop('drop_path')
-    options.update(resume=resume or None, overwrite=overwrite or None)
-    if recipe is None and not resume and (data or 'digits') == 'digits':
-        recipe = 'digits'  # the embedded data comes with its recipe
-    train_cfg, task_cfg = resolve_config(ClassificationConfig, options, recipe, aliases={'paper': 'imagenet_paper'})
-    if not train_cfg.out:
-        train_cfg.out = str(Path('runs') / f'{task_cfg.model}-{Path(task_cfg.data).name}')
-    if not (train_cfg.epochs or train_cfg.iters):
-        raise HatNetError('give the length of the run: --epochs N (or --iters N), or a --recipe')
-    result = run_training(ClassificationTask(task_cfg), train_cfg)
-    if _is_main_process():
-        best = result['best']
-        Console().print(f'best val_{best["metric"]} [bold]{best["value"]:.4f}[/] -> {result["run_dir"]}/best.pth')
-
-
-def _evaluation_report(metrics, confusion, names, out_dir: Path, title: str):
-    """Write confusion_matrix.png and per_class.csv to out_dir; return (report dict, per-class rows)."""
     from ..tasks.classification import per_class_accuracy, plot_confusion_matrix
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    confusion, names = torch.tensor(result['confusion'], dtype=torch.float64), result['class_names']
     plot_confusion_matrix(confusion, names, out_dir / 'confusion_matrix.png', title)
-    accuracy = per_class_accuracy(confusion)
     counts = confusion.sum(1).long().tolist()
-    rows = [(name, n, None if n == 0 else float(a)) for name, n, a in zip(names, counts, accuracy)]
+    rows = [(name, n, None if n == 0 else float(a)) for name, n, a in zip(names, counts, per_class_accuracy(confusion))]
     write_csv_atomic(out_dir / 'per_class.csv', ['class', 'images', 'accuracy'],
                      [[name, n, '' if a is None else f'{a:.6f}'] for name, n, a in rows])
-    report = dict(metrics, images=int(confusion.sum().item()),
-                  per_class={name: a for name, n, a in rows if n > 0},
-                  confusion_matrix=str(out_dir / 'confusion_matrix.png'), per_class_csv=str(out_dir / 'per_class.csv'))
+    report = {k: v for k, v in result.items() if k not in ('class_names', 'confusion')}
+    report.update(confusion_matrix=str(out_dir / 'confusion_matrix.png'), per_class_csv=str(out_dir / 'per_class.csv'))
     return report, rows
 
 
@@ -156,17 +66,16 @@ def evaluate(
         device: str = typer.Option('auto', help='auto | cpu | cuda.'),
 ):
     """Top-1 / top-5, per-class accuracy and a confusion-matrix PNG (timm eval transform: resize, centre crop)."""
-    from ..engine.distributed import resolve_device
-    from ..tasks.classification import evaluate_classifier, load_classifier
+    from ..tasks.classification import ClassificationTask
 
-    classifier = load_classifier(checkpoint, model, img_size, resolve_device(device))
-    data = data or classifier.trained_data
+    predictor = ClassificationTask.load(checkpoint, device, model=model, img_size=img_size)
+    data = data or predictor.trained_data
     if not data:
         raise HatNetError(f'give --data: {checkpoint} does not say which data it was trained on')
-    metrics, confusion, names = evaluate_classifier(classifier, data, split, batch_size, workers)
+    result = predictor.evaluate(data, split, batch_size=batch_size, workers=workers)
     out = out or (checkpoint / f'eval-{Path(data).name}-{split}' if checkpoint.is_dir() else Path('eval'))
-    title = f'{classifier.model_name} on {data}/{split}'
-    report, rows = _evaluation_report(metrics, confusion, names, out, title)
+    title = f'{predictor.model_name} on {data}/{split}'
+    report, rows = _evaluation_report(result, out, title)
     if json_output:
         print(json.dumps(report))
     else:
@@ -184,28 +93,20 @@ def predict_command(
         device: str = typer.Option('auto', help='auto | cpu | cuda.'),
 ):
     """Top-k classes with names for each image (dataset names from our checkpoints, ImageNet names offline)."""
-    import torch
+    from ..tasks.classification import ClassificationTask
 
-    from ..data.classification import read_image
-    from ..engine.distributed import resolve_device
-    from ..tasks.classification import eval_transform, load_classifier, predict
-
-    classifier = load_classifier(checkpoint, model, img_size, resolve_device(device))
-    transform = eval_transform(classifier.data_config)
-    batch = torch.stack([transform(read_image(path)) for path in images])
-    results = predict(classifier, batch, top_k)
+    predictor = ClassificationTask.load(checkpoint, device, model=model, img_size=img_size)
+    results = predictor.predict(images, top_k=top_k)
     if json_output:
-        print(json.dumps([dict(image=str(path), predictions=[dict(index=i, name=name, probability=p)
-                                                             for i, name, p in top])
-                          for path, top in zip(images, results)]))
+        print(json.dumps([r.to_dict() for r in results]))
         return
-    table = Table(title=f'{classifier.model_name}: top-{top_k}')
+    table = Table(title=f'{predictor.model_name}: top-{top_k}')
     for column in ('image', 'rank', 'class', 'probability'):
         table.add_column(column, justify='right' if column in ('rank', 'probability') else 'left')
-    for path, top in zip(images, results):
-        for rank, (i, name, p) in enumerate(top, 1):
-            table.add_row(str(path) if rank == 1 else '', str(rank), f'{name} [dim]({i})[/]', f'{100 * p:.2f} %',
-                          end_section=rank == len(top))
+    for r in results:
+        for rank, (i, name, p) in enumerate(zip(r.indices, r.labels, r.scores), 1):
+            table.add_row(r.image if rank == 1 else '', str(rank), f'{name} [dim]({i})[/]', f'{100 * p:.2f} %',
+                          end_section=rank == len(r.indices))
     Console().print(table)
 
 
@@ -224,13 +125,12 @@ def attention(
     """Where one query location looks in an H-MHSA block: the local (grid) step and the global (pooled) step."""
     import numpy as np
 
-    from ..data.classification import read_image
-    from ..engine.distributed import resolve_device
-    from ..tasks.classification import (
-        attention_blocks, attention_probabilities, eval_transform, load_classifier, plot_attention)
+    from ..data.images import read_image
+    from ..tasks.attention import attention_blocks, attention_probabilities, plot_attention
+    from ..tasks.classification import ClassificationTask
 
-    classifier = load_classifier(checkpoint, model, img_size, resolve_device(device))
-    blocks = attention_blocks(classifier.model)
+    predictor = ClassificationTask.load(checkpoint, device, model=model, img_size=img_size)
+    blocks = attention_blocks(predictor.model)
     try:
         stage, index = (int(v) for v in block.split('.'))
     except ValueError:
@@ -238,7 +138,7 @@ def attention(
     if (stage, index) not in blocks:
         depths = [sum(1 for s, _ in blocks if s == i) for i in range(blocks[-1][0] + 1)]
         raise HatNetError(f'--block {block}: the model has {len(depths)} stages with {depths} blocks (0-based)')
-    tensor = eval_transform(classifier.data_config)(read_image(image))
+    tensor = predictor.transform(read_image(image))
     height, width = tensor.shape[-2:]
     try:
         x, y = (float(v) for v in query.split(',')) if query else ((width - 1) / 2, (height - 1) / 2)
@@ -247,12 +147,12 @@ def attention(
     if not (0 <= x < width and 0 <= y < height):
         raise HatNetError(f'--query {query} is outside the {width}x{height} model input')
 
-    result = attention_probabilities(classifier.model, tensor, stage, index, (x, y))
-    mean = np.array(classifier.data_config['mean'])[:, None, None]
-    std = np.array(classifier.data_config['std'])[:, None, None]
+    result = attention_probabilities(predictor.model, tensor, stage, index, (x, y))
+    mean = np.array(predictor.data_config['mean'])[:, None, None]
+    std = np.array(predictor.data_config['std'])[:, None, None]
     picture = np.clip(tensor.numpy() * std + mean, 0, 1).transpose(1, 2, 0)
     rows, cols = result['map_size']
-    plot_attention(picture, result, out, f'{classifier.model_name} stage {stage} block {index}: query token '
+    plot_attention(picture, result, out, f'{predictor.model_name} stage {stage} block {index}: query token '
                                          f'{result["query"]} of {rows}x{cols} (mean over the heads)')
     Console().print(f'wrote {out}')
 
@@ -274,8 +174,7 @@ def demo(
 ):
     """Train HAT-Net-Tiny on the embedded handwritten digits (a few minutes on a CPU, no download)."""
     from ..engine import resolve_config, train as run_training
-    from ..engine.distributed import resolve_device
-    from ..tasks.classification import ClassificationConfig, ClassificationTask, evaluate_classifier, load_classifier
+    from ..tasks.classification import ClassificationConfig, ClassificationTask
 
     console = Console()
     out = out or _fresh_dir(Path('hatnet-demo'))
@@ -287,9 +186,8 @@ def demo(
     start = time.time()
     result = run_training(ClassificationTask(task_cfg), train_cfg)
     minutes = (time.time() - start) / 60
-    classifier = load_classifier(out, device=resolve_device(device))
-    metrics, confusion, names = evaluate_classifier(classifier, 'digits', 'val', workers=0)
-    _evaluation_report(metrics, confusion, names, out, 'hat_net_tiny on the digits (validation)')
+    metrics = ClassificationTask.load(out, device).evaluate('digits', 'val', workers=0)
+    _evaluation_report(metrics, out, 'hat_net_tiny on the digits (validation)')
     console.print(f'\nvalidation accuracy [bold green]{100 * metrics["top1"]:.2f} %[/] '
                   f'(best checkpoint, step {result["best"]["step"]}) after {minutes:.1f} min of training')
     console.print(f'curves: {out / "curves.png"}, confusion matrix: {out / "confusion_matrix.png"}, '

@@ -1,4 +1,4 @@
-"""``hatnet det train | eval | predict``: RetinaNet and Mask R-CNN on COCO-format data."""
+"""``hatnet det eval | predict``: RetinaNet and Mask R-CNN on COCO-format data."""
 import json
 import math
 from pathlib import Path
@@ -10,53 +10,7 @@ from rich.table import Table
 
 from .app import det_app
 
-ARCH_HELP = 'retinanet (object detection) or maskrcnn (instance segmentation).'
 CHECKPOINT_HELP = 'Run directory (its best checkpoint) or checkpoint file.'
-
-
-@det_app.command('train')
-def train_cmd(
-        arch: Optional[str] = typer.Option(None, help=ARCH_HELP + ' [default: retinanet]'),
-        data: Optional[Path] = typer.Option(None, help='Dataset folder in the COCO 2017 layout.'),
-        model: Optional[str] = typer.Option(
-            None, help='Backbone: a hat_net variant or any timm model. [default: hat_net_tiny]'),
-        out: Optional[Path] = typer.Option(None, help='Run directory.'),
-        recipe: Optional[str] = typer.Option(None, help='Recipe file or bundled name. [default: coco_ARCH_1x]'),
-        epochs: Optional[int] = typer.Option(None, help="Train for N epochs (the recipe's lr steps scale along)."),
-        iters: Optional[int] = typer.Option(
-            None, help="Train for N optimiser steps (the recipe's lr steps scale along)."),
-        batch_size: Optional[int] = typer.Option(None, help='Images per step and process.'),
-        lr: Optional[float] = typer.Option(None, help='Learning rate.'),
-        min_size: Optional[int] = typer.Option(None, help='Shorter image side. [default: 800]'),
-        max_size: Optional[int] = typer.Option(None, help='Cap on the longer image side. [default: 1333]'),
-        multi_scale: Optional[str] = typer.Option(
-            None, help='Training: shorter sides to draw from, e.g. 640,672,704,736,768,800.'),
-        pretrained: Optional[Path] = typer.Option(
-            None, help='ImageNet checkpoint for the backbone (original .pth or .safetensors).'),
-        frozen_stages: Optional[int] = typer.Option(None, help='Freeze the backbone stem and first N stages.'),
-        train_split: Optional[str] = typer.Option(None, help='Training split name. [default: train2017]'),
-        val_split: Optional[str] = typer.Option(None, help='Validation split name. [default: val2017]'),
-        workers: Optional[int] = typer.Option(None, help='Data-loading processes.'),
-        threads: Optional[int] = typer.Option(None, help="Intra-op CPU threads per process (0: PyTorch's default)."),
-        amp: Optional[str] = typer.Option(None, help='none | bf16 | fp16 (CUDA).'),
-        eval_every: Optional[int] = typer.Option(None, help='Evaluate every N epochs (iteration runs: steps).'),
-        seed: Optional[int] = typer.Option(None, help='Random seed.'),
-        device: Optional[str] = typer.Option(None, help='auto | cpu | cuda | cuda:N'),
-        resume: bool = typer.Option(False, '--resume', help='Continue the run in --out.'),
-        overwrite: bool = typer.Option(False, '--overwrite', help='Replace the run in --out.'),
-):
-    """Train RetinaNet or Mask R-CNN with a HAT-Net backbone (PVT's 1x COCO recipe by default)."""
-    from ..engine import train
-    from ..tasks.detection import DetectionTask, detection_configs
-
-    options = dict(
-        arch=arch, data=str(data) if data else None, model=model, out=str(out) if out else None, epochs=epochs,
-        iters=iters, batch_size=batch_size, lr=lr, min_size=min_size, max_size=max_size,
-        multi_scale=_int_list(multi_scale, '--multi-scale'), pretrained=str(pretrained) if pretrained else None,
-        frozen_stages=frozen_stages, train_split=train_split, val_split=val_split, workers=workers, threads=threads,
-        amp=amp, eval_every=eval_every, seed=seed, device=device, resume=resume or None, overwrite=overwrite or None)
-    train_cfg, task_cfg = detection_configs(options, recipe)
-    train(DetectionTask(task_cfg), train_cfg)
 
 
 @det_app.command('eval')
@@ -74,12 +28,10 @@ def eval_cmd(
         results: Optional[Path] = typer.Option(None, help='Also write the detections as a COCO results json.'),
 ):
     """COCO bbox (and, for Mask R-CNN, segm) AP / AP50 / AP75 / APs / APm / APl of a trained detector."""
-    from ..tasks.detection import evaluate_checkpoint, write_csv, write_json
+    from ..tasks.detection import DetectionTask, write_csv
 
-    metrics, detections = evaluate_checkpoint(checkpoint, data, val_split, batch_size=batch_size, workers=workers,
-                                              device=device, min_size=min_size, max_size=max_size)
-    if results:
-        write_json(detections, results)
+    predictor = DetectionTask.load(checkpoint, device, min_size=min_size, max_size=max_size)
+    metrics = predictor.evaluate(data, val_split, batch_size=batch_size, workers=workers, results_file=results)
     if csv:
         write_csv(metrics, csv)
     if as_json:
@@ -106,17 +58,17 @@ def predict_cmd(
         device: str = typer.Option('auto', help='auto | cpu | cuda | cuda:N'),
 ):
     """Detect objects in images: PNGs with boxes, class names, scores (and masks) drawn, plus a json."""
-    from ..tasks.detection import predict_images
+    from ..fileio import atomic_write
+    from ..tasks.detection import DetectionTask, write_json
+    from ..tasks.predictor import unique_stems
 
-    written = predict_images(images, checkpoint, out, score_thresh=score_thresh, detections_per_img=max_detections,
-                             device=device)
-    Console().print(f'wrote {len(written)} image(s) and {out / "predictions.json"}')
-
-
-def _int_list(text: Optional[str], option: str) -> Optional[List[int]]:
-    if text is None:
-        return None
-    try:
-        return [int(v) for v in text.split(',') if v.strip()]
-    except ValueError:
-        raise typer.BadParameter(f'expected comma-separated integers, got {text!r}', param_hint=option) from None
+    drawings = [out / f'{stem}.png' for stem in unique_stems(images)]
+    predictor = DetectionTask.load(checkpoint, device, score_thresh=score_thresh, detections_per_img=max_detections)
+    entries = []
+    for detection, png in zip(predictor.predict(images), drawings):  # every image is read before anything is written
+        drawn = detection.draw()
+        atomic_write(png, lambda tmp: drawn.save(tmp, format='PNG'))
+        entry = detection.to_dict()
+        entries.append(dict(image=entry['image'], drawing=str(png), detections=entry['detections']))
+    write_json(entries, out / 'predictions.json')
+    Console().print(f'wrote {len(drawings)} image(s) and {out / "predictions.json"}')

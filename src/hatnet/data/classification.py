@@ -3,28 +3,19 @@
 Unreadable images fail with their file name: a corrupt file stops the run with one clear error (rather
 than being skipped silently), because a silently smaller dataset makes results irreproducible.
 """
+from functools import partial
 from pathlib import Path
 from typing import Callable, List, Optional
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
 from ..errors import DatasetError
+from .images import read_image
 
 DIGITS = 'digits'
-
-
-def read_image(path) -> Image.Image:
-    """An RGB image, or a DatasetError naming the file."""
-    try:
-        with open(path, 'rb') as f:
-            return Image.open(f).convert('RGB')
-    except UnidentifiedImageError:
-        raise DatasetError(f'cannot read image {path}: not an image, or a format Pillow cannot decode') from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DatasetError(f'cannot read image {path}: {e}') from None
 
 
 class DigitsDataset(Dataset):
@@ -65,8 +56,10 @@ def image_folder(root, split: str, transform: Optional[Callable] = None) -> Imag
         raise DatasetError(f'dataset folder {root} does not exist')
     if not split_dir.is_dir():
         raise DatasetError(f'dataset folder {root} has no {split}/ folder (expected {split}/<class>/<image>)')
+    if not any(entry.is_dir() for entry in split_dir.iterdir()):
+        raise DatasetError(f'{split_dir} has no class folders (expected {split}/<class>/<image>)')
     try:
-        return ImageFolder(str(split_dir), transform=transform, loader=read_image)
+        return ImageFolder(str(split_dir), transform=transform, loader=partial(read_image, error=DatasetError))
     except FileNotFoundError as e:  # no class folders, or class folders without images
         raise DatasetError(f'{split_dir}: {e}') from None
 
@@ -77,19 +70,6 @@ def classification_dataset(data: str, split: str, transform: Optional[Callable] 
     if data == DIGITS:
         return DigitsDataset(split, size=img_size, transform=transform)
     return image_folder(data, split, transform)
-
-
-def dataset_classes(data: str, split: str = 'train') -> List[str]:
-    """Class names of a split without listing its images (ImageFolder: the sorted class folder names)."""
-    if data == DIGITS:
-        return list(DigitsDataset.classes)
-    split_dir = Path(data) / split
-    if not split_dir.is_dir():
-        image_folder(data, split)  # raises the error that names what is missing
-    classes = sorted(e.name for e in split_dir.iterdir() if e.is_dir())
-    if not classes:
-        raise DatasetError(f'{split_dir} has no class folders (expected {split}/<class>/<image>)')
-    return classes
 
 
 def check_same_classes(classes: List[str], other_classes: List[str], name: str, other_name: str) -> None:

@@ -12,7 +12,8 @@ before training starts with one message naming the file, image or annotation:
 
 * errors: a json that does not parse or lacks images/annotations/categories; duplicate ids; an annotation
   whose image or category is not listed; a box reaching more than one pixel outside its image; an image
-  file that is missing, unreadable or of another size than the json says; a malformed segmentation (when
+  file that is missing, unreadable or of another size than the json says (the size as shown, after the
+  EXIF orientation that :mod:`hatnet.data.images` applies); a malformed segmentation (when
   masks are needed); train and val splits with different categories.
 * skipped and counted: boxes of zero or negative width or height (COCO itself has a few), crowd regions in
   training (torchvision's detectors cannot use "ignore" regions; evaluation still sees them), and in
@@ -30,13 +31,13 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from ..errors import DatasetError
+from .images import image_size, read_image_tensor
 
 __all__ = ['CocoDetection', 'check_same_categories', 'collate', 'detection_transforms', 'load_coco_json',
            'split_paths']
@@ -163,11 +164,7 @@ def _check_image_files(images_dir: Path, images: List[dict]) -> None:
         path = images_dir / img['file_name']
         if not path.is_file():
             raise DatasetError(f'image file not found: {path} (listed in the annotation file)')
-        try:
-            with Image.open(path) as im:
-                size = im.size
-        except (UnidentifiedImageError, OSError) as e:
-            raise DatasetError(f'cannot read image {path}: {e}') from None
+        size = image_size(path, DatasetError)
         if size != (img['width'], img['height']):
             raise DatasetError(f'image {path} is {size[0]}x{size[1]}, but the annotation file says '
                                f'{img["width"]}x{img["height"]}')
@@ -239,12 +236,7 @@ class CocoDetection(Dataset):
 
     def load_image(self, index: int) -> tv_tensors.Image:
         """The image as a uint8 (3, H, W) tv_tensor."""
-        path = self.images_dir / self.coco.imgs[self.image_ids[index]]['file_name']
-        try:
-            with Image.open(path) as image:
-                return tv_tensors.Image(v2.functional.pil_to_tensor(image.convert('RGB')))
-        except (UnidentifiedImageError, OSError) as e:
-            raise DatasetError(f'cannot read image {path}: {e}') from None
+        return read_image_tensor(self.images_dir / self.coco.imgs[self.image_ids[index]]['file_name'], DatasetError)
 
     def __getitem__(self, index: int):
         image_id = self.image_ids[index]

@@ -12,8 +12,9 @@ Folders::
     DIR/classes.yaml (or .json)                     optional: {classes: [...], ignore_index: 255,
                                                     palette: [[r, g, b], ...]} or a plain list of names
 
-Masks are single-channel PNGs of class indices (mode L, P or 16-bit). Every split is checked once, before
-anything is trained or written: each image has a mask of the same size and each mask an image, no split is
+Masks are single-channel PNGs of class indices (mode L, P or 16-bit), read as stored; images are read by
+:mod:`hatnet.data.images` (EXIF orientation applied). Every split is checked once, before anything is trained
+or written: each image has a mask of the same size (as shown) and each mask an image, no split is
 empty, and no mask holds a label outside the classes other than the ignore index. Each problem is one
 :class:`DatasetError` naming the file.
 
@@ -36,11 +37,12 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from ..errors import DatasetError
+from .images import image_size, read_image_tensor
 
 __all__ = [
     'ADE20K_CLASSES', 'LAYOUTS', 'SHAPE_CLASSES', 'PhotoMetricDistortion', 'RandomCropCatMaxRatio',
     'SegmentationData', 'SegmentationDataset', 'colorize', 'eval_transform', 'find_samples', 'get_layout',
-    'image_size', 'load_data', 'load_image', 'make_palette', 'train_transform', 'write_shapes_dataset',
+    'load_data', 'make_palette', 'train_transform', 'write_shapes_dataset',
 ]
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
@@ -133,21 +135,13 @@ def find_samples(root: Path, layout: str, split: str) -> List[Tuple[Path, Path]]
     return [(images[stem], masks[stem]) for stem in images]
 
 
-def _open(path: Path, what: str) -> Image.Image:
-    try:
-        return Image.open(path)
-    except (UnidentifiedImageError, OSError) as e:
-        raise DatasetError(f'cannot read {what} {path} ({e})') from None
-
-
-def image_size(path) -> Tuple[int, int]:
-    """(width, height) of an image file, from its header."""
-    with _open(Path(path), 'image') as img:
-        return img.size
-
-
 def _read_mask(path: Path) -> np.ndarray:
-    with _open(path, 'mask') as mask:
+    """The stored values of a mask, exactly (no conversion, no EXIF orientation)."""
+    try:
+        opened = Image.open(path)
+    except (UnidentifiedImageError, OSError) as e:
+        raise DatasetError(f'cannot read mask {path} ({e})') from None
+    with opened as mask:
         if mask.mode not in MASK_MODES:
             raise DatasetError(f'mask {path} is a {mask.mode} image; masks must be single-channel PNGs of class '
                                f'indices (mode L, P or 16-bit)')
@@ -166,7 +160,7 @@ def map_labels(values, ignore_index: int, reduce_zero_label: bool):
 
 def _check_pair(image: Path, mask: Path, ignore_index: int, reduce_zero_label: bool) -> int:
     """Check that ``mask`` fits ``image``; return its largest class index (-1 if it has none)."""
-    width, height = image_size(image)
+    width, height = image_size(image, DatasetError)
     labels = _read_mask(mask)
     if labels.shape != (height, width):
         raise DatasetError(f'mask {mask} is {labels.shape[1]}x{labels.shape[0]} but its image {image} is '
@@ -262,16 +256,6 @@ def load_data(
                             palette or make_palette(num_classes), samples)
 
 
-def load_image(path) -> tv_tensors.Image:
-    """An image file as a (3, H, W) uint8 tensor."""
-    path = Path(path)
-    with _open(path, 'image') as img:
-        try:
-            return tv_tensors.Image(v2.functional.pil_to_tensor(img.convert('RGB')))
-        except OSError as e:
-            raise DatasetError(f'cannot read image {path} ({e})') from None
-
-
 class SegmentationDataset(Dataset):
     """(image, mask) pairs as (float (3, H, W) normalised image, int64 (H, W) class-index mask).
 
@@ -292,7 +276,7 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         image_path, mask_path = self.samples[index]
-        image = load_image(image_path)
+        image = read_image_tensor(image_path, DatasetError)
         labels = map_labels(_read_mask(mask_path).astype(np.int64), self.ignore_index, self.reduce_zero_label)
         mask = tv_tensors.Mask(torch.from_numpy(labels))
         if self.joint:

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..fileio import load_file, unwrap_state_dict
 from ..errors import CheckpointError
+from ..models.weights import check_fits
 
 FORMAT = 'hatnet-run'
 LAST = 'last.pth'
@@ -97,18 +98,7 @@ def load_run_checkpoint(path, task: str = '') -> RunCheckpoint:
 
 
 def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str = 'checkpoint') -> None:
-    """``model.load_state_dict(strict=True)`` with one CheckpointError that names the first mismatch."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        if mismatched:
-            key = mismatched[0]
-            detail = f'{key} has shape {tuple(state_dict[key].shape)}, the model needs {tuple(expected[key].shape)}'
-        elif missing:
-            detail = f'{len(missing)} weights missing, e.g. {missing[:3]}'
-        else:
-            detail = f'{len(unexpected)} unexpected weights, e.g. {unexpected[:3]}'
-        raise CheckpointError(f'{source} does not fit the model: {detail}')
+    """``model.load_state_dict(strict=True)`` with one CheckpointError that names the first mismatch
+    (``hatnet.models.check_fits``)."""
+    check_fits(state_dict, model, source=source)
     model.load_state_dict(state_dict)

@@ -19,51 +19,77 @@ from ..errors import CheckpointError, HatNetError
 RECIPE_DIR = Path(__file__).resolve().parent.parent / 'recipes'
 
 
+# Help panels of the settings, shown by every ``train`` command (the fields' ``group``)
+RUN, OPTIMISATION, SPEED, BOOKKEEPING = 'run', 'optimisation', 'numerics and speed', 'bookkeeping'
+
+
+def _setting(default: Any, help: str, group: str) -> Any:
+    """A field with its help text and help panel: the command line builds its options from them."""
+    metadata = dict(help=help, group=group)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class TrainConfig:
-    out: str = ''                   # run directory
-    # length: exactly one of epochs / iters is > 0 (iters counts optimiser steps)
-    epochs: int = 0
-    iters: int = 0
-    batch_size: int = 32            # per process
-    eval_batch_size: int = 0        # per process, 0: batch_size
-    accum_steps: int = 1            # gradient accumulation
-    workers: int = 2
+    """The trainer's settings (docs/training.md). Every ``train`` command offers each as an option."""
+    out: str = _setting('', 'Run directory (train commands: runs/[TASK-]MODEL-DATA by default).', RUN)
+    # the run's length: exactly one of epochs / iters is > 0
+    epochs: int = _setting(0, 'Length of the run in epochs.', RUN)
+    iters: int = _setting(0, 'Length of the run in optimiser steps (instead of epochs; epochs then wrap around '
+                             'the data).', RUN)
+    batch_size: int = _setting(32, 'Images per process and step (before accumulation).', RUN)
+    eval_batch_size: int = _setting(0, 'Images per process at evaluation (0: batch_size).', RUN)
+    accum_steps: int = _setting(1, 'Gradient accumulation: micro-batches per optimiser step.', RUN)
+    workers: int = _setting(2, 'Data-loading processes per training process.', RUN)
     # optimisation, built with timm's create_optimizer_v2 / create_scheduler_v2
-    opt: str = 'adamw'
-    lr: float = 1e-3
-    lr_base_size: int = 0           # > 0: lr is scaled by (global batch * accum_steps) / lr_base_size
-    weight_decay: float = 0.05
-    momentum: float = 0.9
-    layer_decay: Optional[float] = None
-    clip_grad: Optional[float] = None
-    sched: str = 'cosine'           # cosine | poly | step | constant (or another timm scheduler name)
-    min_lr: float = 0.0
-    warmup_epochs: float = 0.0      # warm-up length in epochs ...
-    warmup_iters: int = 0           # ... and/or in optimiser steps (both add up)
-    warmup_lr: float = 1e-6
-    decay_milestones: List[int] = field(default_factory=list)  # 'step': epochs (or iters) where lr *= decay_rate
-    decay_rate: float = 0.1
-    poly_power: float = 0.9
+    opt: str = _setting('adamw', "Any timm optimizer (create_optimizer_v2); no weight decay on norms and "
+                                 "biases.", OPTIMISATION)
+    lr: float = _setting(1e-3, 'Peak learning rate.', OPTIMISATION)
+    lr_base_size: int = _setting(0, 'If > 0: scale lr by (global batch x accum_steps) / this (linear '
+                                    'scaling).', OPTIMISATION)
+    weight_decay: float = _setting(0.05, 'Weight decay.', OPTIMISATION)
+    momentum: float = _setting(0.9, 'Momentum (SGD-like optimizers).', OPTIMISATION)
+    layer_decay: Optional[float] = _setting(None, "Layer-wise lr decay (models with timm's group_matcher, e.g. "
+                                                  "hat_net_*).", OPTIMISATION)
+    clip_grad: Optional[float] = _setting(None, 'Clip the global gradient norm.', OPTIMISATION)
+    sched: str = _setting('cosine', 'cosine | poly | step | constant (or another timm scheduler); stepped after '
+                                    'every optimiser step.', OPTIMISATION)
+    min_lr: float = _setting(0.0, 'Floor of the cosine / poly schedule.', OPTIMISATION)
+    warmup_epochs: float = _setting(0.0, 'Linear warm-up in epochs (adds up with warmup_iters).', OPTIMISATION)
+    warmup_iters: int = _setting(0, 'Linear warm-up in optimiser steps (adds up with warmup_epochs).',
+                                 OPTIMISATION)
+    warmup_lr: float = _setting(1e-6, 'Learning rate the warm-up starts from.', OPTIMISATION)
+    decay_milestones: List[int] = _setting([], "sched step: epochs (epoch runs) or steps (iteration runs) after "
+                                               "which lr is multiplied by decay_rate.", OPTIMISATION)
+    decay_rate: float = _setting(0.1, 'sched step: lr factor at each milestone.', OPTIMISATION)
+    poly_power: float = _setting(0.9, 'sched poly: power of the decay.', OPTIMISATION)
     # numerics and speed
-    amp: str = 'none'               # none | bf16 (CPU and CUDA) | fp16 (CUDA, with a GradScaler)
-    channels_last: bool = False
-    ema: bool = False
-    ema_decay: float = 0.9998
-    ema_warmup: bool = True         # ramp the EMA decay up over the first steps (timm ModelEmaV3 use_warmup)
-    seed: int = 0
-    device: str = 'auto'            # auto | cpu | cuda | cuda:N
-    threads: int = 0                # intra-op CPU threads per process (0: PyTorch's default, one per core)
+    amp: str = _setting('none', 'none | bf16 (autocast, CPU and CUDA) | fp16 (CUDA, with a GradScaler).', SPEED)
+    channels_last: bool = _setting(False, 'NHWC memory format (faster convolutions on CPU).', SPEED)
+    ema: bool = _setting(False, "Keep an EMA of the weights (timm ModelEmaV3), evaluated too (val_ema_*).", SPEED)
+    ema_decay: float = _setting(0.9998, 'Decay of the EMA.', SPEED)
+    ema_warmup: bool = _setting(True, 'Ramp the EMA decay up over the first steps (ModelEmaV3 use_warmup).',
+                                SPEED)
+    seed: int = _setting(0, 'Initial weights, data order, augmentation.', SPEED)
+    device: str = _setting('auto', 'auto | cpu | cuda | cuda:N.', SPEED)
+    threads: int = _setting(0, "Intra-op CPU threads per process (0: PyTorch's default, one per core).", SPEED)
     # bookkeeping
-    eval_every: int = 1             # epochs for epoch runs, optimiser steps for iteration runs
-    save_every: int = 0             # also write 'last' every N optimiser steps (0: only at evaluation points)
-    log_every: int = 10             # optimiser steps between progress-bar / TensorBoard updates
-    resume: bool = False
-    overwrite: bool = False
+    eval_every: int = _setting(1, 'Evaluate every N epochs (epoch runs) or optimiser steps (iteration runs); '
+                                  'the last step is always evaluated.', BOOKKEEPING)
+    save_every: int = _setting(0, "Also write last.pth every N optimiser steps (0: only at evaluations).",
+                               BOOKKEEPING)
+    log_every: int = _setting(10, 'Optimiser steps between progress-bar / TensorBoard updates.', BOOKKEEPING)
+    resume: bool = _setting(False, "Continue the run in --out from its last checkpoint, with its config.yaml "
+                                   "as the recipe.", BOOKKEEPING)
+    overwrite: bool = _setting(False, 'Delete the run in --out and start again.', BOOKKEEPING)
 
 
 # Keys that describe one invocation rather than the run; never written to config.yaml.
 INVOCATION_KEYS = ('resume', 'overwrite')
+# Settings renamed since older runs wrote their config.yaml: read under the current name, so those runs resume.
+RENAMED_KEYS = {'freeze_stages': 'frozen_stages'}
 
 
 def bundled_recipes() -> List[str]:
@@ -144,6 +170,7 @@ def _fill(cls: Type, values: Mapping[str, Any]):
 
 def build_configs(values: Mapping[str, Any], task_config_cls: Type) -> Tuple[TrainConfig, Any]:
     """Split flat settings into (TrainConfig, task config); unknown keys are one error listing them."""
+    values = {RENAMED_KEYS.get(k, k): v for k, v in values.items()}
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     task_keys = {f.name for f in dataclasses.fields(task_config_cls)}
     unknown = sorted(k for k in values if k not in train_keys | task_keys)

@@ -3,13 +3,27 @@
 A task (classification, segmentation, detection) knows its data, model, loss and metrics; the trainer
 owns everything else: device and DDP set-up, optimiser and schedule, bf16 autocast, gradient
 accumulation and clipping, EMA, progress, logs, atomic checkpoints and exact resume.
+
+The trainer calls, in this order: ``build_datasets()`` (which may record what it found, e.g. the classes, as
+attributes of the task), ``build_model()`` (which may use them: the number of classes comes from the data),
+then ``train_step`` and ``evaluate`` for as long as the run lasts, and ``state()`` for every checkpoint.
+Everything that can be wrong in the user's input is checked by the first two, before the run directory is
+created.
+
+A trained run comes back for inference through the task's ``load`` (or ``hatnet.load``, which picks the task
+from the checkpoint): a :class:`~hatnet.tasks.predictor.Predictor` with ``predict(images)`` and
+``evaluate(data)``.
 """
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Dict, Optional, Tuple
+from dataclasses import asdict, is_dataclass
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+if TYPE_CHECKING:
+    from ..tasks.predictor import Predictor
 
 
 class Task(ABC):
@@ -22,14 +36,17 @@ class Task(ABC):
     #: the task's own settings (a dataclass; recipe keys that are not TrainConfig fields). The trainer writes
     #: them with its own to the run's config.yaml, which is how ``--resume`` rebuilds the task.
     config: Any = None
-
-    @abstractmethod
-    def build_model(self) -> nn.Module:
-        """The model, on the CPU, with any pretrained weights already loaded."""
+    #: names of the classes, in label order; set by ``build_datasets()``
+    class_names: List[str] = []
 
     @abstractmethod
     def build_datasets(self) -> Tuple[Dataset, Dataset]:
-        """(train, validation) datasets. Validate paths and contents here and raise DatasetError."""
+        """(train, validation) datasets. Validate paths and contents here and raise DatasetError. Called first:
+        record here what the model needs to know about the data (``class_names``, ...)."""
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """The model, on the CPU, with any pretrained weights already loaded. Called after ``build_datasets``."""
 
     @abstractmethod
     def train_step(self, model: nn.Module, batch: Any, device: torch.device) -> Tuple[torch.Tensor, Dict[str, float]]:
@@ -49,5 +66,16 @@ class Task(ABC):
 
     def state(self) -> Dict[str, Any]:
         """JSON-serialisable facts stored in every checkpoint (``task_state``), enough to rebuild the model for
-        evaluation and prediction (model name, number and names of classes, input size, ...)."""
-        return {}
+        evaluation and prediction. One schema for every task: ``model`` (the backbone's timm name),
+        ``class_names``, ``config`` (the task's settings as a dict), plus what the task needs besides, which a
+        subclass adds to this dict (classification: ``num_classes``, ``data_config``; segmentation:
+        ``ignore_index``, ``palette``; detection: ``category_ids``)."""
+        config = asdict(self.config) if is_dataclass(self.config) else {}
+        return dict(model=config.get('model'), class_names=list(self.class_names), config=config)
+
+    @classmethod
+    def load(cls, run_or_checkpoint, device: str = 'auto', **options) -> 'Predictor':
+        """A trained model ready for inference: a run directory (its best checkpoint) or a checkpoint file of
+        this task -> a :class:`~hatnet.tasks.predictor.Predictor` (``predict(images)``, ``evaluate(data)``).
+        ``device``: auto | cpu | cuda | cuda:N; ``options``: the task's inference settings."""
+        raise NotImplementedError(f'{cls.__name__} has no predictor')

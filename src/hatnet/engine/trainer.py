@@ -10,9 +10,10 @@ API
     train_cfg, task_cfg = resolve_config(MyTaskConfig, cli_options, recipe='paper', aliases={'paper': 'x'})
     result = train(MyTask(task_cfg), train_cfg)   # {'run_dir', 'metrics' (last row), 'best': {...}}
 
-A task implements ``build_model``, ``build_datasets``, ``train_step``, ``evaluate`` (see ``engine/task.py``);
-``task.config`` (its settings dataclass) is saved with the trainer's in ``config.yaml``. The trainer does the
-rest, identically for every task:
+A task implements ``build_datasets``, ``build_model`` (called in this order: the model may use what the data
+showed, e.g. the classes), ``train_step``, ``evaluate`` (see ``engine/task.py``); ``task.config`` (its
+settings dataclass) is saved with the trainer's in ``config.yaml``. The trainer does the rest, identically
+for every task:
 
 * length: ``epochs`` (each epoch one pass over the shuffled training set, tail dropped) or ``iters``
   (optimiser steps, epochs wrap around); evaluation every ``eval_every`` epochs / steps and at the end.
@@ -118,10 +119,11 @@ class Trainer:
         self.main = dist.is_main_process()
         _check_run_dir(self.run_dir, cfg)
 
-        torch.manual_seed(cfg.seed)  # the same initial weights on every process
-        model = task.build_model()
+        # the data first: the model may depend on it (the number of classes)
         train_set, val_set = task.build_datasets()
         self._build_loaders(train_set, val_set)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every process
+        model = task.build_model()
         # only now, with data and model known to be good, is anything written
         _create_run_dir(self.run_dir, cfg)
 

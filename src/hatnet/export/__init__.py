@@ -1,4 +1,5 @@
 """Deployment: ONNX export with dynamic batch / height / width, and an onnxruntime runner."""
+from .hat_net_onnx import onnx_forms
 from .onnx import OnnxRunner, export_onnx, load_model
 
-__all__ = ['OnnxRunner', 'export_onnx', 'load_model']
+__all__ = ['OnnxRunner', 'export_onnx', 'load_model', 'onnx_forms']

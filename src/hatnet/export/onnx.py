@@ -4,7 +4,8 @@ The graph is traced by ``torch.onnx.export`` with dynamic batch, height and widt
 input size the model accepts (for hat_net: any size >= 32 x 32; the grid padding and its attention mask are
 computed in the graph from the input size). The TorchScript-based exporter is used: the dynamo-based one
 needs every shape expression of the grid padding proven by its symbolic solver, which fails for the
-ceil-mode and modulo arithmetic of ragged grids.
+ceil-mode and modulo arithmetic of ragged grids. hat_net models are exported in their ONNX forms
+(``hat_net_onnx.onnx_forms``), from a copy: the model passed in is left as it is.
 """
 import io
 import os
@@ -16,6 +17,7 @@ import torch
 
 from ..fileio import atomic_write
 from ..errors import CheckpointError, HatNetError
+from .hat_net_onnx import onnx_forms
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
@@ -42,14 +44,15 @@ def export_onnx(
         opset: int = DEFAULT_OPSET,
         example_size: Sequence[int] = (224, 224),
 ) -> Path:
-    """Write ``model`` (eval mode, float32, CPU) to ``path`` with dynamic batch, height and width.
+    """Write ``model`` (in eval mode, float32, on CPU) to ``path`` with dynamic batch, height and width.
 
-    Input ``images`` (batch, channels, height, width), output ``output``. Written atomically.
+    Input ``images`` (batch, channels, height, width), output ``output``. Written atomically. ``model``
+    itself is not changed (a copy is exported).
     """
     if opset < MIN_OPSET:
         raise HatNetError(f'opset {opset} is too old: the export needs opset >= {MIN_OPSET}')
     path = Path(path)
-    model = model.eval().float().cpu()
+    model = onnx_forms(model).eval().float().cpu()
     example = torch.randn(2, getattr(model, 'in_chans', 3), *example_size)
 
     def write(tmp: str) -> None:
@@ -76,7 +79,7 @@ def _move_weights_into_loops(graph) -> None:
 
     The exporter leaves them in the main graph, and onnxruntime converts a convolution to its blocked-layout
     (NCHWc) kernel only when the weight is an initializer of the convolution's own graph: the convolutions of
-    hat_net's MLP loops (``InvertedResidual._forward_onnx``) would fall back to a slower kernel.
+    hat_net's MLP loops (``OnnxInvertedResidual``) would fall back to a slower kernel.
     """
     initializers = {init.name: init for init in graph.initializer}
     used_in_main_graph = {name for node in graph.node for name in node.input} | {out.name for out in graph.output}

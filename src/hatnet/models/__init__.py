@@ -1,6 +1,9 @@
 """Model definitions. Importing this package registers the hat_net_* models in timm."""
-from .hat_net import HatNet, VARIANT_ARGS, checkpoint_filter_fn, guess_variant
+from .hat_net import HatNet, VARIANT_ARGS, checkpoint_filter_fn
+from .runtime import optimize_for_cpu
+from .weights import check_fits, describe_architecture, guess_variant, remap_original_keys
 
 MODEL_NAMES = tuple(VARIANT_ARGS)
 
-__all__ = ['HatNet', 'MODEL_NAMES', 'VARIANT_ARGS', 'checkpoint_filter_fn', 'guess_variant']
+__all__ = ['HatNet', 'MODEL_NAMES', 'VARIANT_ARGS', 'check_fits', 'checkpoint_filter_fn', 'describe_architecture',
+           'guess_variant', 'optimize_for_cpu', 'remap_original_keys']

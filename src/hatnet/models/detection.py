@@ -9,8 +9,10 @@ segmentation) in PVT's 1x setting. These builders assemble exactly those detecto
   two-layer box head and four-conv mask head.
 
 The backbone is any timm model created with ``features_only=True`` (every hat_net variant, or e.g. resnet50
-for comparisons). Its normalisation layers are left as they are: HAT-Net uses GroupNorm, which does not
-depend on the batch, so nothing is frozen or converted the way torchvision freezes ResNet's BatchNorm.
+for comparisons), by the one model factory (:mod:`hatnet.models.factory`): pretrained weights load strictly,
+``frozen_stages`` freezes the stem and the first stages. Normalisation layers outside the frozen stages are
+left as they are: HAT-Net uses GroupNorm, which does not depend on the batch, so nothing is converted the way
+torchvision freezes all of ResNet's BatchNorm (BatchNorm inside frozen stages is frozen with them).
 
 Labels follow torchvision: 0 is the background, classes are 1..num_classes-1.
 
@@ -30,9 +32,9 @@ from torchvision.ops.feature_pyramid_network import (
     ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7)
 
 from ..errors import HatNetError
+from .factory import Weights, create
 
-__all__ = ['ARCHS', 'TimmBackboneWithFPN', 'check_arch', 'create_detector', 'freeze_stages', 'maskrcnn_hat_net',
-           'retinanet_hat_net', 'timm_features']
+__all__ = ['ARCHS', 'TimmBackboneWithFPN', 'check_arch', 'create_detector', 'maskrcnn_hat_net', 'retinanet_hat_net']
 
 FPN_CHANNELS = 256
 
@@ -55,51 +57,11 @@ class TimmBackboneWithFPN(nn.Module):
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(features)))
 
 
-def freeze_stages(body: nn.Module, num_stages: int) -> None:
-    """Freeze the stem and the first ``num_stages`` stages of a timm features_only model.
-
-    A stage is a feature level of stride >= 4: for HAT-Net ``stem`` + ``stages_0`` ... ``stages_{n-1}``; for
-    other timm models everything up to the module that produces their n-th stride->=4 level.
-    """
-    if num_stages <= 0:
-        return
-    info = body.feature_info
-    stage_modules = [info.module_name(i) for i in range(len(info.info)) if info.reduction(i) >= 4]
-    if num_stages > len(stage_modules):
-        raise HatNetError(f'cannot freeze {num_stages} stages: the backbone has {len(stage_modules)}')
-    last = stage_modules[num_stages - 1].replace('.', '_')  # FeatureListNet flattens 'stages.0' to 'stages_0'
-    for name, module in body.named_children():
-        module.requires_grad_(False)
-        if name == last:
-            break
-
-
-def timm_features(
-        model_name: str,
-        out_indices: Sequence[int],
-        pretrained: Optional[str] = None,
-        frozen_stages: int = 0,
-        drop_path_rate: float = 0.,
-) -> nn.Module:
-    """A timm ``features_only`` backbone.
-
-    Args:
-        model_name: any timm model with features_only support, e.g. 'hat_net_tiny'.
-        out_indices: the feature levels to return (negative: counted from the last one).
-        pretrained: ImageNet checkpoint file for it (an original HAT-Net .pth or a hatnet .safetensors).
-        frozen_stages: freeze the stem and this many stages (0: train everything).
-        drop_path_rate: stochastic depth.
-    """
-    if not timm.is_model(model_name):
-        raise HatNetError(f'unknown model {model_name!r}: not a timm model name')
-    kwargs = dict(features_only=True, out_indices=tuple(out_indices))
-    if drop_path_rate:
-        kwargs['drop_path_rate'] = drop_path_rate
-    if pretrained:
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(pretrained)))
-    body = timm.create_model(model_name, **kwargs)
-    freeze_stages(body, frozen_stages)
-    return body
+def _backbone(name: str, out_indices: Sequence[int], weights: Optional[Weights], frozen_stages: int,
+              drop_path_rate: float) -> nn.Module:
+    """The timm features_only body, from the one model factory (strict weight loading, stage freezing)."""
+    return create(name, weights, features_only=True, out_indices=out_indices, frozen_stages=frozen_stages,
+                  drop_path_rate=drop_path_rate or None)  # 0: leave it unset, for models without stochastic depth
 
 
 def _transform_kwargs(body: nn.Module, kwargs: dict) -> dict:
@@ -113,7 +75,7 @@ def _transform_kwargs(body: nn.Module, kwargs: dict) -> dict:
 def retinanet_hat_net(
         num_classes: int,
         backbone: str = 'hat_net_tiny',
-        pretrained_backbone: Optional[str] = None,
+        pretrained_backbone: Optional[Weights] = None,
         frozen_stages: int = 0,
         drop_path_rate: float = 0.1,
         **kwargs,
@@ -123,13 +85,15 @@ def retinanet_hat_net(
     Args:
         num_classes: number of classes including the background, as in torchvision.
         backbone: timm model name (any hat_net variant, or any features_only timm model).
-        pretrained_backbone: ImageNet checkpoint file for the backbone.
+        pretrained_backbone: ImageNet weights for the backbone: a checkpoint file (an original HAT-Net .pth, a
+            hatnet .safetensors, a timm checkpoint of the named model) or a classification run, loaded strictly
+            (:func:`hatnet.models.factory.create`).
         frozen_stages: freeze the backbone's stem and first N stages.
         drop_path_rate: stochastic depth of the backbone.
         **kwargs: passed to torchvision's ``RetinaNet``: min_size / max_size (inference resize, 800 / 1333),
             score_thresh (0.05), detections_per_img (here 100, COCO's limit), anchor_generator, nms_thresh, ...
     """
-    body = timm_features(backbone, (-3, -2, -1), pretrained_backbone, frozen_stages, drop_path_rate)
+    body = _backbone(backbone, (-3, -2, -1), pretrained_backbone, frozen_stages, drop_path_rate)
     # P6/P7 from the last backbone stage (C5), PVT's and mmdetection's 'on_input' extra convs
     extra_levels = LastLevelP6P7(body.feature_info.channels()[-1], FPN_CHANNELS)
     kwargs.setdefault('detections_per_img', 100)
@@ -139,7 +103,7 @@ def retinanet_hat_net(
 def maskrcnn_hat_net(
         num_classes: int,
         backbone: str = 'hat_net_tiny',
-        pretrained_backbone: Optional[str] = None,
+        pretrained_backbone: Optional[Weights] = None,
         frozen_stages: int = 0,
         drop_path_rate: float = 0.1,
         **kwargs,
@@ -149,7 +113,7 @@ def maskrcnn_hat_net(
     Arguments as in :func:`retinanet_hat_net`; ``**kwargs`` go to torchvision's ``MaskRCNN``: min_size /
     max_size, box_score_thresh (0.05), box_detections_per_img (100), box_batch_size_per_image (512), ...
     """
-    body = timm_features(backbone, (-4, -3, -2, -1), pretrained_backbone, frozen_stages, drop_path_rate)
+    body = _backbone(backbone, (-4, -3, -2, -1), pretrained_backbone, frozen_stages, drop_path_rate)
     return MaskRCNN(TimmBackboneWithFPN(body, LastLevelMaxPool()), num_classes, **_transform_kwargs(body, kwargs))
 
 

@@ -4,69 +4,46 @@ Paper: `Vision Transformers with Hierarchical Attention` - https://arxiv.org/abs
     Yun Liu, Yu-Huan Wu, Guolei Sun, Le Zhang, Ajad Chhatkuli, Luc Van Gool.
     Machine Intelligence Research 21, 670-683 (2024).
 
-HAT-Net is a four-stage convolutional pyramid (strides 4/8/16/32) whose blocks pair an inverted-residual
-MLP with H-MHSA, hierarchical multi-head self-attention:
+A four-stage convolutional pyramid (strides 4/8/16/32) whose blocks pair H-MHSA (``HierarchicalAttention``)
+with an inverted-residual MLP. Numerically this is the original implementation (github.com/yun-liu/HAT-Net),
+whose checkpoints ``checkpoint_filter_fn`` loads; the layout follows timm (stage i owns its downsampling).
+Runtime forms live elsewhere: CPU batch slicing in ``hatnet.models.runtime``, export forms in ``hatnet.export``.
 
-* local step: tokens attend to each other inside non-overlapping G x G grid cells;
-* global step: every token attends to an average-pooled (down-sampled) copy of the locally attended map.
+Any input resolution: the original needs maps that divide into whole grid cells (sides that are multiples
+of 224); here any size >= 32 x 32 works, with the same numbers where the original runs.
+* Local step: q/k/v are zero-padded at the bottom/right to whole G x G cells and the padding is masked out
+  as keys: exactly attention over the valid part of each ragged edge cell (padded queries are dropped).
+* Global step: ``ceil_mode=True`` pooling makes a ragged edge cell one pooled token, the mean of the valid
+  pixels it covers (PyTorch does not count out-of-bounds positions without explicit padding).
+* Downsampling (3x3, stride 2, padding 1) rounds odd sides up: stage i has ceil(H / 2^(i+2)) rows.
 
-The last stage, whose map is small, uses plain global self-attention. Numerically this module is the
-original implementation (github.com/yun-liu/HAT-Net) and loads its checkpoints through
-``checkpoint_filter_fn``; the module layout follows timm (stage i owns its downsampling, then its blocks).
+Memory layout: the stem converts the images to channels_last and every stage keeps it (``.contiguous()``
+gives NCHW). On CPU the depth-wise and 1x1 convolutions are several times faster in NHWC, q/k/v are strided
+views of the projection that ``F.scaled_dot_product_attention`` reads directly, and its output is already
+the NHWC map: H-MHSA copies data only to gather and scatter the grid cells.
 
-Any input resolution
---------------------
-The original code only runs when every stage's map divides into whole grid cells, i.e. image sides that are
-multiples of 224. Here any size >= 32 x 32 works, and sizes the original accepts give the same numbers:
-
-* Local step: the q/k/v map is zero-padded at the bottom/right to whole G x G cells and the padded
-  positions are masked out as keys, so a valid token only ever attends to valid tokens of its own cell.
-  Padded queries are computed and dropped. The result for valid tokens is exactly that of attention over
-  the valid part of each (ragged) edge cell.
-* Global step: the pooling uses ``ceil_mode=True``; a ragged edge cell becomes one pooled token that is the
-  mean of the valid pixels it covers (PyTorch does not count out-of-bounds positions when there is no
-  explicit padding). Every pixel contributes to exactly one pooled token.
-* Downsampling (3x3, stride 2, padding 1) rounds odd sides up, so stage i has ceil(H / 2^(i+2)) rows.
-
-Memory layout
--------------
-The stem converts the images to channels_last and every stage keeps that layout (feature maps and
-intermediates come out channels_last; ``.contiguous()`` gives NCHW memory). On CPU the depth-wise
-convolutions and the 1x1 projections are several times faster in NHWC, q/k/v are strided views of the
-projection output that ``F.scaled_dot_product_attention`` reads directly, and its output is already the
-NHWC map, so each H-MHSA copies data only to gather and scatter the grid cells.
-
-ONNX graphs are NCHW and run by onnxruntime, whose best layout is different: while exporting, the norms,
-the attention and the MLPs switch to forms written for it (``GroupNorm1._forward_onnx``,
-``HierarchicalAttention._attend_onnx``, ``InvertedResidual._forward_onnx``), which give the same outputs.
-
-The unused ``proj_norm``
-------------------------
-The original attention module creates a GroupNorm ``proj_norm`` that its forward never applies. Its
-weights are in every released checkpoint and in the published parameter counts, so it is kept. In training
-mode it is tied into the graph with a zero factor, so that every parameter receives a (zero) gradient:
-DistributedDataParallel without ``find_unused_parameters`` and gradient checks rely on that.
+The unused ``proj_norm``: the original attention creates a GroupNorm ``proj_norm`` that its forward never
+applies. It is in the released checkpoints and the published parameter counts, so it is kept; in training
+it joins the graph with a zero factor so that every parameter gets a (zero) gradient, as DDP without
+``find_unused_parameters`` and gradient checks expect.
 """
-import functools
-import re
-import warnings
 from dataclasses import dataclass
-from urllib.error import URLError
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from functools import partial
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, calculate_drop_path_rates, get_device_dtype, trunc_normal_
-from timm.layers import register_notrace_function, register_notrace_module
+from timm.layers import DropPath, calculate_drop_path_rates, get_device_dtype, register_notrace_function, trunc_normal_
 from timm.models import PretrainedCfg, build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ..fileio import read_state_dict, unwrap_state_dict
-from ..errors import CheckpointError, InputError
+from ..errors import InputError
+from ..fileio import unwrap_state_dict
+from .weights import build_with_weights, check_fits, remap_original_keys
 
-__all__ = ['HatNet', 'checkpoint_filter_fn', 'guess_variant', 'MIN_INPUT_SIZE']
+__all__ = ['HatNet', 'checkpoint_filter_fn', 'VARIANT_ARGS', 'MIN_INPUT_SIZE']
 
 MIN_INPUT_SIZE = 32  # smallest image side accepted
 
@@ -85,66 +62,22 @@ def check_image_batch(x: torch.Tensor, in_chans: int, min_size: int = MIN_INPUT_
                          + ', HAT-Net needs at least ' + str(min_size) + 'x' + str(min_size))
 
 
-@torch.jit.unused
-def _exporting_onnx() -> bool:
-    """True while torch.onnx.export traces the model: norms and attention then write their ONNX forms."""
-    return torch.onnx.is_in_onnx_export()
-
-
 class GroupNorm1(nn.GroupNorm):
     """GroupNorm with one group (the original's norm layer), computed on the channels_last memory order.
 
     Same statistics (all values of a sample), per-channel affine and state_dict as ``nn.GroupNorm(1, C)``.
     PyTorch's GroupNorm kernel for channels_last inputs accumulates in a way that loses precision as the map
     grows (max |logit error| 1e-4 at 672 x 672 px, against 3e-6 here); normalising the (H, W, C)-ordered
-    values as one flat group, then applying the per-channel affine, keeps the precision and the speed. The
-    ONNX export writes its own form (see ``_forward_onnx``).
+    values as one flat group, then applying the per-channel affine, keeps the precision and the speed.
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-6, device=None, dtype=None):
         super().__init__(1, num_channels, eps=eps, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and _exporting_onnx():
-            return self._forward_onnx(x)
         x = x.permute(0, 2, 3, 1)  # (B, H, W, C), a view of the channels_last map
         normed = F.group_norm(x.reshape(x.shape[0], 1, -1), 1, eps=self.eps).view(x.shape)
         return torch.addcmul(self.bias, normed, self.weight).permute(0, 3, 1, 2)
-
-    @torch.jit.unused
-    def _forward_onnx(self, x: torch.Tensor) -> torch.Tensor:
-        return _LayerNormOverCHW.apply(x, self.weight, self.bias, self.eps)
-
-
-class _LayerNormOverCHW(torch.autograd.Function):
-    """GroupNorm(1, C) written to ONNX as one LayerNormalization over (C, H, W).
-
-    onnxruntime runs that as one kernel (instead of eleven nodes). It has two paths, chosen by the shape of
-    the affine: with a full (C, H, W) affine a fast one that sums in float32 one value after the other, so its
-    error grows with the map (6e-6 up to 2^18 values per image, 6e-4 at 250 x 336 x 48); with a (C, 1, 1)
-    affine a precise one (2e-7 at any size) that takes about twice the time. The graph picks the path from
-    the map's size at run time: the fast one for maps of up to ``FAST_PATH_MAX_VALUES`` values.
-    """
-    FAST_PATH_MAX_VALUES = 1 << 18
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-        return F.group_norm(x, 1, weight, bias, eps)
-
-    @staticmethod
-    def symbolic(g, x, weight, bias, eps: float):
-        def constant(values):
-            return g.op('Constant', value_t=torch.tensor(values))
-
-        map_shape = g.op('Shape', x, start_i=1)
-        small = g.op('LessOrEqual', g.op('ReduceProd', map_shape, keepdims_i=0),
-                     constant(_LayerNormOverCHW.FAST_PATH_MAX_VALUES))
-        affine_shape = g.op('Where', small, map_shape, constant([1, 1, 1]))
-
-        def affine(param):
-            return g.op('Expand', g.op('Reshape', param, constant([-1, 1, 1])), affine_shape)
-
-        return g.op('LayerNormalization', x, affine(weight), affine(bias), axis_i=1, epsilon_f=eps)
 
 
 def _to_heads(x: torch.Tensor, parts: int, num_heads: int, head_dim: int) -> torch.Tensor:
@@ -166,33 +99,37 @@ def _grid_padding(height: int, width: int, grid_size: int) -> Tuple[int, int]:
     return (grid_size - height % grid_size) % grid_size, (grid_size - width % grid_size) % grid_size
 
 
+def _grid_cells(height: int, width: int, grid_size: int) -> Tuple[int, int]:
+    """Rows and columns of grid cells that cover a height x width map (ragged edge cells included)."""
+    pad_h, pad_w = _grid_padding(height, width, grid_size)
+    return (height + pad_h) // grid_size, (width + pad_w) // grid_size
+
+
 def _cell_key_mask(height: int, width: int, grid_size: int, device: torch.device) -> torch.Tensor:
     """(cells, 1, 1, G * G): True for each cell's keys that lie inside the height x width map (cells row-major)."""
     pad_h, pad_w = _grid_padding(height, width, grid_size)
-    rows, cols = (height + pad_h) // grid_size, (width + pad_w) // grid_size
+    rows, cols = _grid_cells(height, width, grid_size)
     valid = (torch.arange(height + pad_h, device=device) < height)[:, None] & \
         (torch.arange(width + pad_w, device=device) < width)
     valid = valid.reshape(rows, grid_size, cols, grid_size).transpose(1, 2)
     return valid.reshape(rows * cols, 1, 1, grid_size * grid_size)
 
 
-@register_notrace_function
-def grid_attention(qkv: torch.Tensor, grid_size: int, num_heads: int) -> torch.Tensor:
-    """Local step of H-MHSA: self-attention inside each grid_size x grid_size cell.
+def _gather_cells(
+        qkv: torch.Tensor, grid_size: int, num_heads: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(B, 3 * C, H, W) -> q, k, v per grid cell (B * cells, heads, G * G, head_dim) and the key mask
+    (B * cells, 1, 1, G * G) that hides the padding of ragged edge cells, None if the cells fit.
 
-    qkv: (B, 3 * C, H, W) -> (B, C, H, W). Ragged edge cells are padded to full size and the padding is
-    masked out as keys (see the module docstring). Traced graphs (torch.compile, torch.jit.trace) pad and mask
-    unconditionally (zero-sized and all true when the cells fit) so that one graph serves every input size;
-    eager runs skip both when the cells fit (an all-true mask still costs SDPA ~10 % of the model's time).
+    Traced graphs (torch.compile, torch.jit.trace) pad and mask unconditionally (zero-sized and all true when
+    the cells fit) so that one graph serves every input size; eager runs skip both when the cells fit (an
+    all-true mask still costs SDPA ~10 % of the model's time).
     """
     B, C3, H, W = qkv.shape
-    C = C3 // 3
     pad_h, pad_w = _grid_padding(H, W, grid_size)
-    rows, cols = (H + pad_h) // grid_size, (W + pad_w) // grid_size
-    cells, cell = rows * cols, grid_size * grid_size
-
+    rows, cols = _grid_cells(H, W, grid_size)
     # (B, H, W, 3C) is a view of the channels_last map; one copy gathers the cells (after padding, if any)
-    # and q, k, v are strided views of it: (B * cells, heads, tokens per cell, head_dim)
+    # and q, k, v are strided views of it
     qkv = qkv.permute(0, 2, 3, 1)
     key_mask: Optional[torch.Tensor] = None
     # compiling / tracing is tested first: a symbolic pad size must not decide the graph
@@ -200,62 +137,48 @@ def grid_attention(qkv: torch.Tensor, grid_size: int, num_heads: int) -> torch.T
         qkv = F.pad(qkv, (0, 0, 0, pad_w, 0, pad_h))
         key_mask = _cell_key_mask(H, W, grid_size, qkv.device).repeat(B, 1, 1, 1)
     qkv = qkv.reshape(B, rows, grid_size, cols, grid_size, C3).transpose(2, 3)
-    qkv = qkv.reshape(B * cells, cell, 3, num_heads, C // num_heads)
+    qkv = qkv.reshape(B * rows * cols, grid_size * grid_size, 3, num_heads, C3 // 3 // num_heads)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-
-    x = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B * cells, heads, cell, head_dim)
-    x = x.transpose(1, 2).reshape(B, rows, cols, grid_size, grid_size, C).transpose(2, 3)
-    return x.reshape(B, rows * grid_size, cols * grid_size, C)[:, :H, :W].permute(0, 3, 1, 2)
+    return q, k, v, key_mask
 
 
-def _plane_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention on (..., head_dim, tokens) planes, the form in which NCHW maps hold heads:
-    q (..., D, N), k and v (..., D, M) -> (..., D, N).
+@register_notrace_function
+def grid_attention(qkv: torch.Tensor, grid_size: int, num_heads: int) -> torch.Tensor:
+    """Local step of H-MHSA: self-attention inside each grid_size x grid_size cell.
 
-    Written for the ONNX export: onnxruntime folds the transposed operands into its matrix multiplications,
-    so no tensor is transposed in memory.
+    qkv: (B, 3 * C, H, W) -> (B, C, H, W) in channels_last. Ragged edge cells are padded to full size and
+    the padding is masked out as keys (see the module docstring).
     """
-    scores = torch.matmul(q.transpose(-1, -2), k) * scale
-    return torch.matmul(v, scores.softmax(-1).transpose(-1, -2))
+    B, C3, H, W = qkv.shape
+    q, k, v, key_mask = _gather_cells(qkv, grid_size, num_heads)
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B * cells, heads, G * G, head_dim)
+    # scatter the cells back: (B, rows, cols, G, G, C) -> (B, rows * G, cols * G, C), cropped to H x W
+    rows, cols = _grid_cells(H, W, grid_size)
+    x = x.transpose(1, 2).reshape(B, rows, cols, grid_size, grid_size, C3 // 3).transpose(2, 3)
+    return x.reshape(B, rows * grid_size, cols * grid_size, C3 // 3)[:, :H, :W].permute(0, 3, 1, 2)
 
 
-def _grid_attention_onnx(x: torch.Tensor, qkv_proj: nn.Conv2d, grid_size: int, num_heads: int) -> torch.Tensor:
-    """Local step as written to ONNX: normalised map (B, C, H, W) -> ``grid_attention(qkv_proj(x))``.
-
-    Shaped for onnxruntime, which runs convolutions in a blocked layout and reorders their outputs:
-    * the C-channel input is padded rather than the 3C-channel projection (the projections of the zero
-      padding are only ever masked as keys or dropped as queries);
-    * q, k and v are projected by three convolutions with slices of the qkv weights, so that no split copy
-      follows, and each is asked for in NHWC, which the reorder out of its convolution writes directly;
-    * in NHWC every block that gathering or scattering the grid cells moves is one head's D contiguous values.
-    Padding is always applied (zero-sized when the cells fit) so that the graph serves every input size.
-    """
-    B, C, H, W = x.shape
-    head_dim = C // num_heads
-    pad_h, pad_w = _grid_padding(H, W, grid_size)
-    rows, cols = (H + pad_h) // grid_size, (W + pad_w) // grid_size
-    cells, cell = rows * cols, grid_size * grid_size
-    valid = _cell_key_mask(H, W, grid_size, x.device)
-    key_bias = torch.zeros(valid.shape).masked_fill(~valid, float('-inf'))
-
-    # each of q, k, v: (B, [rows, G], [cols, G], [heads, D]) -> (B, cells, heads, G * G, D)
-    padded = F.pad(x, (0, pad_w, 0, pad_h))
-    q, k, v = [
-        F.conv2d(padded, weight, bias).permute(0, 2, 3, 1)
-        .reshape(B, rows, grid_size, cols, grid_size, num_heads, head_dim).permute(0, 1, 3, 5, 2, 4, 6)
-        .reshape(B, cells, num_heads, cell, head_dim)
-        for weight, bias in zip(qkv_proj.weight.chunk(3), qkv_proj.bias.chunk(3))]
-    scores = torch.matmul(q, k.transpose(-1, -2)) * head_dim ** -0.5 + key_bias
-    x = torch.matmul(scores.softmax(-1), v)
-    # (B, rows, cols, heads, G, G, D) -> (B, [rows, G], [cols, G], [heads, D])
-    x = x.reshape(B, rows, cols, num_heads, grid_size, grid_size, head_dim).permute(0, 1, 4, 2, 5, 3, 6)
-    return x.reshape(B, rows * grid_size, cols * grid_size, C)[:, :H, :W].permute(0, 3, 1, 2)
+def _attention_probs(q: torch.Tensor, k: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) over the keys allowed by key_mask: the probabilities inside SDPA."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask, float('-inf'))
+    return scores.softmax(-1)
 
 
 class HierarchicalAttention(nn.Module):
-    """H-MHSA: local attention inside grid cells, then global attention to a pooled copy of the map.
+    """H-MHSA, hierarchical multi-head self-attention, in the paper's two steps.
 
-    With ``grid_size == 1`` (the last stage) it is plain multi-head self-attention over the whole map.
+    With X the block input, GN a one-group GroupNorm, Attn(q, k, v) = softmax(q k^T / sqrt(head_dim)) v per
+    head, and 1x1 convolutions ``qkv``, ``q``, ``kv`` for the projections:
+
+    * local relationship modelling, attention among the tokens of each G x G grid cell:
+      ``L = GN_grid(X + Attn_cell(qkv(GN(X))))``;
+    * global relationship modelling, every token of L attends to the merged (average-pooled) tokens:
+      ``Y = L + Attn(q(L), kv(P))`` with ``P = GN_ds(AvgPool(L))``;
+
+    and the output is ``proj(Y)``. With ``grid_size == 1`` (the last stage) it is plain multi-head
+    self-attention over the whole map: ``proj(Attn(qkv(GN(X))))``.
     """
 
     def __init__(
@@ -291,54 +214,54 @@ class HierarchicalAttention(nn.Module):
         self.proj_drop = nn.Dropout2d(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and _exporting_onnx():
-            out = self._attend_onnx(x)
+        H, W = x.shape[-2:]
+        qkv = self.qkv(self.norm(x))
+        if self.grid_norm is None:
+            q, k, v = _to_heads(qkv, 3, self.num_heads, self.head_dim).unbind(0)
+            out = _from_heads(F.scaled_dot_product_attention(q, k, v), H, W)
         else:
-            out = self._attend(x)
+            # local step: L = GN_grid(X + Attn_cell(qkv(GN(X))))
+            local = self.grid_norm(x + grid_attention(qkv, self.grid_size, self.num_heads))
+            # global step: Y = L + Attn(q(L), kv(GN_ds(AvgPool(L))))
+            q, k, v = self._global_qkv(local)
+            out = local + _from_heads(F.scaled_dot_product_attention(q, k, v), H, W)
         out = self.proj_drop(self.proj(out))
         if self.training:
             out = out + 0. * (self.proj_norm.weight.sum() + self.proj_norm.bias.sum())
         return out
 
-    def _attend(self, x: torch.Tensor) -> torch.Tensor:
-        H, W = x.shape[-2:]
-        if self.grid_norm is None:
-            q, k, v = _to_heads(self.qkv(self.norm(x)), 3, self.num_heads, self.head_dim).unbind(0)
-            return _from_heads(F.scaled_dot_product_attention(q, k, v), H, W)
-        # local step, with a residual from the block input
-        qkv = self.qkv(self.norm(x))
-        local = self.grid_norm(x + grid_attention(qkv, self.grid_size, self.num_heads))
-        # global step: all tokens attend to the pooled map
+    def _global_qkv(self, local: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries from every token of the locally attended map, keys and values from its pooled copy."""
         q = _to_heads(self.q(local), 1, self.num_heads, self.head_dim)[0]
         k, v = _to_heads(self.kv(self.ds_norm(self.pool(local))), 2, self.num_heads, self.head_dim).unbind(0)
-        return local + _from_heads(F.scaled_dot_product_attention(q, k, v), H, W)
+        return q, k, v
 
-    @torch.jit.unused
-    def _attend_onnx(self, x: torch.Tensor) -> torch.Tensor:
-        # ONNX maps are NCHW: heads are (head_dim, tokens) planes of the projections, reached by reshapes
-        B, C, H, W = x.shape
-        scale = self.head_dim ** -0.5
+    @torch.jit.ignore
+    def attention_maps(self, x: torch.Tensor) -> Dict[str, Any]:
+        """Attention probabilities of both steps for the module input x (B, C, H, W), computed like forward
+        (same cell gathering and key masks) with an explicit softmax instead of SDPA.
+
+        ``map_size``: (H, W). ``global``: (B, heads, H * W, keys), every token's probabilities over the
+        ``pooled_size`` pooled tokens, or over all H * W tokens without a grid. With a grid also ``local``:
+        (B, cells, heads, G * G, G * G), in each cell of the ``grid`` (rows, cols) of ``grid_size`` G cells the
+        probabilities of its queries over its keys (cells and tokens row-major). Keys in the padding of a
+        ragged edge cell get probability 0; the rows of padded queries are meaningless.
+        """
+        B, _, H, W = x.shape
+        qkv = self.qkv(self.norm(x))
         if self.grid_norm is None:
-            qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, self.head_dim, H * W)
-            return _plane_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], scale).reshape(B, C, H, W)
-        local = self.grid_norm(x + _grid_attention_onnx(self.norm(x), self.qkv, self.grid_size, self.num_heads))
-        q = self.q(local).reshape(B, self.num_heads, self.head_dim, H * W)
-        kv = self.kv(self.ds_norm(self.pool(local))).reshape(B, 2, self.num_heads, self.head_dim, -1)
-        return local + _plane_attention(q, kv[:, 0], kv[:, 1], scale).reshape(B, C, H, W)
+            q, k, _ = _to_heads(qkv, 3, self.num_heads, self.head_dim).unbind(0)
+            return {'map_size': (H, W), 'global': _attention_probs(q, k)}
+        G, (rows, cols), ratio = self.grid_size, _grid_cells(H, W, self.grid_size), self.pool.stride
+        q, k, _, key_mask = _gather_cells(qkv, G, self.num_heads)
+        local_probs = _attention_probs(q, k, key_mask).reshape(B, rows * cols, self.num_heads, G * G, G * G)
+        q, k, _ = self._global_qkv(self.grid_norm(x + grid_attention(qkv, G, self.num_heads)))
+        return {'map_size': (H, W), 'grid_size': G, 'grid': (rows, cols), 'local': local_probs,
+                'global': _attention_probs(q, k), 'pooled_size': (-(-H // ratio), -(-W // ratio))}
 
 
-@register_notrace_module  # its batch slicing depends on tensor sizes; FX keeps it as one call
 class InvertedResidual(nn.Module):
-    """The block's MLP: norm -> 1x1 expand -> SiLU -> depth-wise kxk -> SiLU -> 1x1 project -> norm.
-
-    Inference on CPU runs it on slices of the batch whose expanded hidden map (4-8x the block's width) is at
-    most ``slice_bytes``: that map is written and read four times (expand, SiLU, depth-wise, SiLU), and a
-    slice that stays in the cache makes those passes cheap (hat_net_tiny and small at batch 16, 224 x 224:
-    about 1.4x the throughput). Every operation is per image, so the result is that of the whole batch.
-    The ONNX export writes the same slicing as a loop over the batch (see ``_forward_onnx``).
-    """
-    slice_bytes: int = 16 << 20
-    onnx_slice_bytes: int = 4 << 20  # onnxruntime's best budget on CPU (docs/performance.md)
+    """The block's MLP: norm -> 1x1 expand -> SiLU -> depth-wise kxk -> SiLU -> 1x1 project -> norm."""
 
     def __init__(
             self,
@@ -363,67 +286,9 @@ class InvertedResidual(nn.Module):
         self.drop2 = nn.Dropout2d(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            if _exporting_onnx():
-                return self._forward_onnx(x)
-            images_per_slice = self._images_per_slice(x)
-            if images_per_slice < len(x):
-                return torch.cat([self._forward(part) for part in x.split(images_per_slice)])
-        return self._forward(x)
-
-    @torch.jit.unused
-    def _images_per_slice(self, x: torch.Tensor) -> int:
-        # eager CPU inference only: traced / compiled graphs must not depend on the batch size, and in
-        # training autograd keeps every hidden map anyway
-        if self.training or x.device.type != 'cpu' or torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return len(x)
-        return _images_per_slice(x, self.fc1.out_channels, x.element_size(), self.slice_bytes)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.fc1(self.norm(x)))
         x = self.drop1(self.act2(self.conv_dw(x)))
         return self.drop2(self.norm_out(self.fc2(x)))
-
-    @torch.jit.unused
-    def _forward_onnx(self, x: torch.Tensor) -> torch.Tensor:
-        # inference only (no dropout); the batch and the map size are dynamic in the graph, so the loop is
-        # scripted: tracing would unroll it for the example batch
-        hidden = _scripted_expand_in_slices()(
-            self.norm(x), self.fc1.weight, self.conv_dw.weight, self.fc2.weight,
-            self.onnx_slice_bytes, self.conv_dw.padding[0], self.conv_dw.groups)
-        return self.norm_out(hidden)
-
-
-def _images_per_slice(x: torch.Tensor, hidden_channels: int, value_bytes: int, slice_bytes: int) -> int:
-    """How many images of ``x`` fit ``slice_bytes`` with their (hidden_channels, H, W) hidden map (at least one)."""
-    return max(1, slice_bytes // (x.shape[2] * x.shape[3] * hidden_channels * value_bytes))
-
-
-def _expand_in_slices(
-        x: torch.Tensor,
-        fc1_weight: torch.Tensor,
-        dw_weight: torch.Tensor,
-        fc2_weight: torch.Tensor,
-        slice_bytes: int,
-        dw_padding: int,
-        dw_groups: int,
-) -> torch.Tensor:
-    """fc1 -> SiLU -> depth-wise -> SiLU -> fc2 on groups of images whose hidden map fits ``slice_bytes``."""
-    images_per_slice = _images_per_slice(x, fc1_weight.shape[0], 4, slice_bytes)  # the export is float32
-    outputs: List[torch.Tensor] = []
-    for start in range(0, x.shape[0], images_per_slice):
-        hidden = F.silu(F.conv2d(x[start:start + images_per_slice], fc1_weight))
-        hidden = F.silu(F.conv2d(hidden, dw_weight, padding=dw_padding, groups=dw_groups))
-        outputs.append(F.conv2d(hidden, fc2_weight))
-    return torch.cat(outputs)
-
-
-@functools.cache
-def _scripted_expand_in_slices():
-    # scripted on first use: only the ONNX export needs it (it becomes an ONNX Loop)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', FutureWarning)  # torch.jit.script is deprecated with the exporter it serves
-        return torch.jit.script(_expand_in_slices)
 
 
 class HatBlock(nn.Module):
@@ -724,122 +589,24 @@ VARIANT_ARGS: Dict[str, dict] = {
     'hat_net_large': dict(embed_dims=(64, 128, 320, 640), head_dim=64, depths=(3, 8, 27, 3), kernel_sizes=(3, 3, 3, 3)),
 }
 
-# Original checkpoint key -> hatnet key. Applied in order, first match wins.
-_ORIGINAL_KEY_RULES = [
-    (r'^patch_embed\.0\.', 'stem.conv1.'),
-    (r'^patch_embed\.1\.', 'stem.norm1.'),
-    (r'^patch_embed\.3\.', 'stem.conv2.'),
-    (r'^ds(\d)\.', lambda m: f'stages.{int(m.group(1)) - 1}.downsample.'),
-    (r'^blocks\.(\d+)\.(\d+)\.conv\.conv1\.0\.', r'stages.\1.blocks.\2.mlp.norm.'),
-    (r'^blocks\.(\d+)\.(\d+)\.conv\.conv1\.1\.', r'stages.\1.blocks.\2.mlp.fc1.'),
-    (r'^blocks\.(\d+)\.(\d+)\.conv\.conv2\.0\.', r'stages.\1.blocks.\2.mlp.conv_dw.'),
-    (r'^blocks\.(\d+)\.(\d+)\.conv\.conv3\.0\.', r'stages.\1.blocks.\2.mlp.fc2.'),
-    (r'^blocks\.(\d+)\.(\d+)\.conv\.conv3\.1\.', r'stages.\1.blocks.\2.mlp.norm_out.'),
-    (r'^blocks\.(\d+)\.(\d+)\.attn\.', r'stages.\1.blocks.\2.attn.'),
-    (r'^classifier\.1\.', 'head.'),
-]
-
-
-def _remap_original_key(key: str) -> str:
-    for pattern, replacement in _ORIGINAL_KEY_RULES:
-        new_key, count = re.subn(pattern, replacement, key)
-        if count:
-            return new_key
-    return key
-
-
-def remap_original_keys(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Rename the keys of an original HAT-Net state_dict to hatnet's layout (others pass unchanged)."""
-    if not any(k.startswith(('patch_embed.', 'blocks.')) for k in state_dict):
-        return state_dict
-    return {_remap_original_key(k): v for k, v in state_dict.items()}
-
-
-def _describe_architecture(state_dict: Dict[str, torch.Tensor]) -> Optional[dict]:
-    """Stage widths, depths and MLP kernel sizes of a hatnet-layout state_dict (None if not HAT-Net)."""
-    dims, depths, kernels = [], [], []
-    for i in range(4):
-        norm = state_dict.get(f'stages.{i}.blocks.0.attn.norm.weight')
-        conv_dw = state_dict.get(f'stages.{i}.blocks.0.mlp.conv_dw.weight')
-        if norm is None or conv_dw is None:
-            return None
-        block_ids = {int(m.group(1)) for k in state_dict for m in [re.match(rf'stages\.{i}\.blocks\.(\d+)\.', k)] if m}
-        dims.append(norm.shape[0])
-        depths.append(len(block_ids))
-        kernels.append(conv_dw.shape[-1])
-    return dict(embed_dims=tuple(dims), depths=tuple(depths), kernel_sizes=tuple(kernels))
-
-
-def guess_variant(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
-    """Name of the hat_net variant whose architecture matches a (hatnet-layout) state_dict, or None."""
-    arch = _describe_architecture(state_dict)
-    for name, args in VARIANT_ARGS.items():
-        if arch is not None and all(arch[k] == tuple(args[k]) for k in arch):
-            return name
-    return None
-
-
-def _check_fits(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> None:
-    """Raise a CheckpointError that names the mismatch if state_dict cannot be loaded into model.
-
-    The classifier and the input-channel dimension of the first conv are left to timm, which adapts them.
-    """
-    expected = model.state_dict()
-    head = ('head.weight', 'head.bias')
-    missing = [k for k in expected if k not in state_dict and k not in head]
-    unexpected = [k for k in state_dict if k not in expected and k not in head]
-    mismatched = [k for k in expected if k in state_dict and k not in head + ('stem.conv1.weight',)
-                  and state_dict[k].shape != expected[k].shape]
-    if not (missing or unexpected or mismatched):
-        return
-    if missing:
-        details = f'{len(missing)} weights missing, e.g. {missing[:3]}'
-    elif unexpected:
-        details = f'{len(unexpected)} unexpected weights, e.g. {unexpected[:3]}'
-    else:
-        key = mismatched[0]
-        details = f'{key} has shape {tuple(state_dict[key].shape)}, the model needs {tuple(expected[key].shape)}'
-    arch = _describe_architecture(state_dict)
-    if arch is None:
-        raise CheckpointError(f'not a HAT-Net checkpoint ({details})')
-    model_name = getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
-    variant = guess_variant(state_dict)
-    if variant == model_name:
-        raise CheckpointError(f'checkpoint does not fit {model_name}: {details}')
-    raise CheckpointError(
-        f'checkpoint does not fit {model_name}: it looks like {variant or "an unknown HAT-Net configuration"} '
-        f'(stage widths {arch["embed_dims"]}, depths {arch["depths"]}); {details}')
-
 
 def checkpoint_filter_fn(state_dict, model: nn.Module) -> Dict[str, torch.Tensor]:
     """Map an original HAT-Net checkpoint (raw, under 'model'/'state_dict', with or without a 'module.'
-    prefix) or a hatnet checkpoint onto ``model``'s layout, and check that it fits."""
+    prefix) or a hatnet checkpoint onto ``model``'s layout, and check that it fits.
+
+    Only the classifier and, for other input channels, the first conv may differ: timm adapts those.
+    """
     state_dict = remap_original_keys(unwrap_state_dict(state_dict))
-    _check_fits(state_dict, model)
+    adaptable = ('head.weight', 'head.bias') + (('stem.conv1.weight',) if model.in_chans != 3 else ())
+    check_fits(state_dict, model, adaptable=adaptable)
     return state_dict
 
 
 def _create_hat_net(variant: str, pretrained: bool = False, **kwargs) -> HatNet:
-    overlay = kwargs.get('pretrained_cfg_overlay') or {}
-    if pretrained and overlay.get('file') and overlay.get('state_dict') is None:
-        # read local files here rather than in timm: weights_only, safetensors, one clear error per bad file
-        kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=read_state_dict(overlay['file']))
-    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
+    feature_cfg = dict(flatten_sequential=True, out_indices=kwargs.pop('out_indices', (0, 1, 2, 3)))
+    build = partial(build_model_with_cfg, HatNet, pretrained_filter_fn=checkpoint_filter_fn, feature_cfg=feature_cfg)
     model_args = dict(_COMMON_ARGS, **VARIANT_ARGS[variant])
-    try:
-        return build_model_with_cfg(
-            HatNet,
-            variant,
-            pretrained,
-            pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
-            **dict(model_args, **kwargs),
-        )
-    except URLError as e:
-        url = default_cfgs[variant].default.url
-        raise CheckpointError(
-            f'could not download the {variant} weights from {url} ({e.reason}); download the file and pass '
-            f'pretrained_cfg_overlay=dict(file=PATH)') from None
+    return build_with_weights(build, variant, pretrained, **dict(model_args, **kwargs))
 
 
 @dataclass

@@ -16,68 +16,21 @@ The backbone is any timm model that supports ``features_only`` and has features 
 backbones under one head.
 """
 import math
-import re
 from collections import OrderedDict
 from functools import partial
-from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork
 
-from ..fileio import read_state_dict
-from ..errors import CheckpointError, HatNetError
-from .hat_net import VARIANT_ARGS as HAT_NET_VARIANTS
+from ..errors import HatNetError
+from .factory import Weights, create
 
-__all__ = ['SemanticFPN', 'create_backbone']
+__all__ = ['SemanticFPN']
 
 FPN_STRIDES = (4, 8, 16, 32)
-
-
-def _create(name: str, **kwargs) -> nn.Module:
-    try:
-        return timm.create_model(name, **kwargs)
-    except TypeError as e:  # e.g. VGG has no stochastic depth
-        if 'drop_path_rate' not in str(e):
-            raise
-        raise HatNetError(f'backbone {name} has no drop_path_rate setting; set drop_path_rate to null') from None
-
-
-def create_backbone(
-        name: str,
-        pretrained: Optional[Union[str, Path]] = None,
-        drop_path_rate: Optional[float] = None,
-) -> nn.Module:
-    """A timm ``features_only`` model, initialised from an ImageNet checkpoint file if one is given.
-
-    ``pretrained`` is an original HAT-Net .pth, one of our .safetensors / checkpoints, or a timm checkpoint
-    of the named model. The file is read here (weights_only, one clear error per bad file) and handed to
-    timm, which applies the model's own checkpoint filter (e.g. HAT-Net's original-key remapping).
-    """
-    if not timm.is_model(name):
-        raise HatNetError(f'unknown backbone {name!r}: not a timm model name')
-    kwargs = dict(features_only=True)
-    if drop_path_rate is not None:
-        kwargs['drop_path_rate'] = drop_path_rate
-    if not pretrained:
-        return _create(name, **kwargs)
-    state_dict = read_state_dict(pretrained)
-    overlay = dict(file=str(pretrained), state_dict=state_dict)
-    if timm.models.get_pretrained_cfg_value(name, 'architecture') not in HAT_NET_VARIANTS:
-        # timm loads features_only weights non-strictly (a wrong file would load silently): drop the
-        # classifier and load everything else strictly into a classifier-less model
-        classifiers = timm.models.get_pretrained_cfg_value(name, 'classifier') or ()
-        prefixes = tuple(f'{c}.' for c in ((classifiers,) if isinstance(classifiers, str) else classifiers))
-        overlay.update(state_dict={k: v for k, v in state_dict.items() if not k.startswith(prefixes)}, num_classes=0)
-        kwargs['num_classes'] = 0
-    try:
-        return _create(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-    except RuntimeError as e:  # HAT-Net checks the fit itself and raises CheckpointError
-        details = re.sub(r'^Error\(s\) in loading state_dict for \w+: ', '', ' '.join(str(e).split()))
-        raise CheckpointError(f'{pretrained} does not fit {name}: {details[:300]}') from None
 
 
 class ScaleHead(nn.Sequential):
@@ -98,24 +51,28 @@ class SemanticFPN(nn.Module):
     Args:
         backbone: timm model name; any model whose ``features_only`` version has stride 4/8/16/32 features.
         num_classes: number of output classes.
-        pretrained: ImageNet checkpoint file for the backbone (see :func:`create_backbone`).
+        pretrained: ImageNet weights for the backbone: a checkpoint file (an original HAT-Net .pth, a hatnet
+            .safetensors, a timm checkpoint of the named model) or a classification run; loaded strictly
+            (see :func:`hatnet.models.factory.create`).
         fpn_channels: FPN width (256 in the paper).
         head_channels: width of the scale heads (128 in the paper).
         norm: 'gn' (GroupNorm, 32 groups; independent of the batch size) or 'bn' (BatchNorm) in the scale heads.
         dropout: channel dropout before the classifier.
         drop_path_rate: stochastic depth of the backbone (None: the model's default).
+        frozen_stages: freeze the backbone's stem and first N stages.
     """
 
     def __init__(
             self,
             backbone: str,
             num_classes: int,
-            pretrained: Optional[Union[str, Path]] = None,
+            pretrained: Optional[Weights] = None,
             fpn_channels: int = 256,
             head_channels: int = 128,
             norm: str = 'gn',
             dropout: float = 0.1,
             drop_path_rate: Optional[float] = None,
+            frozen_stages: int = 0,
     ):
         super().__init__()
         if norm not in ('gn', 'bn'):
@@ -123,7 +80,8 @@ class SemanticFPN(nn.Module):
         if num_classes < 1:
             raise HatNetError(f'num_classes must be at least 1, got {num_classes}')
         self.num_classes = num_classes
-        self.backbone = create_backbone(backbone, pretrained, drop_path_rate)
+        self.backbone = create(backbone, pretrained, features_only=True, drop_path_rate=drop_path_rate,
+                               frozen_stages=frozen_stages)
 
         # the last feature at each FPN stride (e.g. resnet's stride-2 stem feature is skipped)
         reductions = self.backbone.feature_info.reduction()

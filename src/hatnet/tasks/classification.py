@@ -3,6 +3,9 @@
 Everything is timm's: ``create_transform`` (RandAugment, RandomErasing), ``Mixup`` / CutMix with
 ``SoftTargetCrossEntropy``, label smoothing, the eval transform from the model's pretrained cfg
 (resize to ``img_size / crop_pct``, centre crop). The trainer (``hatnet.engine``) does the rest.
+
+Inference: ``ClassificationTask.load(run)`` (or ``hatnet.load``) -> :class:`ClassificationPredictor`, whose
+``predict(images)`` gives a :class:`Classification` (top-k class names and probabilities) per image.
 """
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -14,12 +17,15 @@ import torch.nn.functional as F
 from timm.data import ImageNetInfo, Mixup, create_transform, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
+from torch.utils.data import DataLoader
 
-from ..data.classification import check_same_classes, classification_dataset, dataset_classes, DIGITS
-from ..engine import Task, distributed, load_run_checkpoint, load_weights, worker_errors_unwrapped
+from ..data.classification import check_same_classes, classification_dataset, DIGITS
+from ..engine import Task, distributed, load_weights, worker_errors_unwrapped
+from ..engine.checkpoint import RunCheckpoint
 from ..errors import CheckpointError, DatasetError, HatNetError
-from ..models import MODEL_NAMES, guess_variant
-from ..models.hat_net import grid_attention, remap_original_keys
+from ..models import MODEL_NAMES, guess_variant, remap_original_keys
+from ..models.factory import create
+from .predictor import Images, Prediction, Predictor, read_inputs, read_run
 
 # Stochastic depth of the HAT-Net variants on ImageNet. The paper follows PVT's training code, whose values
 # these are (0.1 for its tiny/small, 0.3 for its medium/large models); HAT-Net's own values are not published.
@@ -34,7 +40,7 @@ class ClassificationConfig:
     num_classes: Optional[int] = None         # default: the number of class folders
     img_size: Optional[int] = None            # default: the model's (224), 32 for the digits
     pretrained: Optional[str] = None          # original HAT-Net .pth, our .safetensors / .pth, or a run directory
-    freeze_stages: int = 0                    # freeze the stem and the first N stages
+    frozen_stages: int = 0                    # freeze the stem and the first N stages
     drop_path_rate: Optional[float] = None    # default: PAPER_DROP_PATH for hat_net_*, timm's default otherwise
     drop_rate: Optional[float] = None         # dropout before the classifier; default: the model's
     train_split: str = 'train'
@@ -66,37 +72,6 @@ class ClassificationConfig:
 def _check_model_name(name: str) -> None:
     if not timm.is_model(name):
         raise HatNetError(f'unknown model {name!r}: use one of {", ".join(MODEL_NAMES)} or any timm model name')
-
-
-def create_classifier(name: str, num_classes: int, weights: Optional[Dict[str, torch.Tensor]] = None,
-                      source: str = '', **kwargs) -> nn.Module:
-    """A timm classifier; with ``weights`` (e.g. an original HAT-Net checkpoint) everything but a classifier
-    of another size is loaded, and the classifier is then freshly initialised."""
-    _check_model_name(name)
-    if weights is None:
-        return timm.create_model(name, num_classes=num_classes, **kwargs)
-    if name in MODEL_NAMES:
-        weights = remap_original_keys(weights)
-    classifier = getattr(timm.models.get_pretrained_cfg(name), 'classifier', None) or 'head'
-    head = weights.get(f'{classifier}.weight')
-    # timm keeps the classifier when its size equals the overlay's num_classes, and drops it otherwise
-    overlay = dict(state_dict=weights, num_classes=head.shape[0] if head is not None else 0)
-    try:
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes,
-                                 **kwargs)
-    except RuntimeError as e:  # from load_state_dict, for models without their own checks
-        raise CheckpointError(f'{source} does not fit {name}: {str(e).strip().splitlines()[-1].strip()}') from None
-
-
-def freeze_stages(model: nn.Module, num_stages: int) -> None:
-    """Freeze the stem and the first ``num_stages`` stages (no gradients, frozen BatchNorm statistics)."""
-    if num_stages <= 0:
-        return
-    if not (hasattr(model, 'stem') and hasattr(model, 'stages')):
-        raise HatNetError(f'--freeze-stages needs a model with .stem and .stages; {type(model).__name__} has not')
-    if num_stages > len(model.stages):
-        raise HatNetError(f'--freeze-stages {num_stages}: the model has {len(model.stages)} stages')
-    timm.utils.freeze(model, ['stem'] + [f'stages.{i}' for i in range(num_stages)])
 
 
 def default_img_size(model_name: str) -> int:
@@ -137,37 +112,22 @@ class ClassificationTask(Task):
     def __init__(self, config: ClassificationConfig):
         self.config = cfg = config
         _check_model_name(cfg.model)
-        self.classes = dataset_classes(cfg.data, cfg.train_split)
-        self.num_classes = cfg.num_classes or len(self.classes)
-        if self.num_classes < len(self.classes):
-            raise DatasetError(f'--num-classes {self.num_classes} is fewer than the {len(self.classes)} classes '
-                               f'of {cfg.data}')
         self.img_size = cfg.img_size or (DIGITS_IMG_SIZE if cfg.data == DIGITS else default_img_size(cfg.model))
         self.data_config = eval_data_config(cfg.model, self.img_size, cfg.crop_pct, cfg.interpolation, cfg.mean,
                                             cfg.std)
-        self.mixup = None
-        if cfg.mixup > 0 or cfg.cutmix > 0:
-            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                               switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
-                               label_smoothing=cfg.smoothing, num_classes=self.num_classes)
+        self.num_classes = 0  # known once the data is: build_datasets
+        self.mixup = None     # built with the data too: it needs the number of classes
+        if self.mixing:
             self.criterion = SoftTargetCrossEntropy()  # mixed soft targets already carry the smoothing
         elif cfg.smoothing > 0:
             self.criterion = LabelSmoothingCrossEntropy(cfg.smoothing)
         else:
             self.criterion = nn.CrossEntropyLoss()
 
-    def build_model(self) -> nn.Module:
-        cfg = self.config
-        kwargs = {}
-        drop_path = cfg.drop_path_rate if cfg.drop_path_rate is not None else PAPER_DROP_PATH.get(cfg.model)
-        if drop_path is not None:
-            kwargs['drop_path_rate'] = drop_path
-        if cfg.drop_rate is not None:
-            kwargs['drop_rate'] = cfg.drop_rate
-        weights = load_run_checkpoint(cfg.pretrained).state_dict if cfg.pretrained else None
-        model = create_classifier(cfg.model, self.num_classes, weights, source=cfg.pretrained or '', **kwargs)
-        freeze_stages(model, cfg.freeze_stages)
-        return model
+    @property
+    def mixing(self) -> bool:
+        """Mixup or CutMix is on."""
+        return self.config.mixup > 0 or self.config.cutmix > 0
 
     def build_datasets(self):
         cfg = self.config
@@ -179,7 +139,23 @@ class ClassificationTask(Task):
         train = classification_dataset(cfg.data, cfg.train_split, train_transform, self.img_size)
         val = classification_dataset(cfg.data, cfg.val_split, eval_transform(self.data_config), self.img_size)
         check_same_classes(train.classes, val.classes, f'{cfg.data}/{cfg.train_split}', f'{cfg.data}/{cfg.val_split}')
+        self.class_names = list(train.classes)
+        self.num_classes = cfg.num_classes or len(self.class_names)
+        if self.num_classes < len(self.class_names):
+            raise DatasetError(f'--num-classes {self.num_classes} is fewer than the {len(self.class_names)} classes '
+                               f'of {cfg.data}')
+        if self.mixing:
+            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                               switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
+                               label_smoothing=cfg.smoothing, num_classes=self.num_classes)
         return train, val
+
+    def build_model(self) -> nn.Module:
+        cfg = self.config
+        drop_path = cfg.drop_path_rate if cfg.drop_path_rate is not None else PAPER_DROP_PATH.get(cfg.model)
+        kwargs = {} if cfg.drop_rate is None else dict(drop_rate=cfg.drop_rate)
+        return create(cfg.model, cfg.pretrained, num_classes=self.num_classes, drop_path_rate=drop_path,
+                      frozen_stages=cfg.frozen_stages, **kwargs)
 
     def train_step(self, model, batch, device):
         images, targets = (t.to(device, non_blocking=True) for t in batch)
@@ -197,8 +173,49 @@ class ClassificationTask(Task):
         return summarize(*confusion_matrix(model, loader, device, self.num_classes))
 
     def state(self) -> Dict[str, Any]:
-        return dict(model=self.config.model, num_classes=self.num_classes, class_names=self.classes,
-                    data_config=self.data_config)
+        return dict(super().state(), num_classes=self.num_classes, data_config=self.data_config)
+
+    @classmethod
+    def load(cls, run_or_checkpoint, device: str = 'auto', model: Optional[str] = None,
+             img_size: Optional[int] = None) -> 'ClassificationPredictor':
+        """A classifier for inference from a run directory (its best checkpoint), one of its checkpoints, or a bare
+        weights file: an original HAT-Net .pth, a hatnet .safetensors (the variant is recognised) or a timm
+        checkpoint of the model named by ``model``. ``img_size``: the eval input size (default: the run's or
+        the model's)."""
+        run = read_run(run_or_checkpoint, cls.name, bare_weights=True)
+        load_fn = _load_run if run.task else _load_weights_file
+        return load_fn(run, device, model, img_size)
+
+
+def _load_run(run: RunCheckpoint, device, model_name: Optional[str], img_size: Optional[int]):
+    state = run.task_state
+    if model_name and model_name != state['model']:
+        raise CheckpointError(f'{run.path} holds a {state["model"]}, not a {model_name}')
+    model_name, num_classes = state['model'], state['num_classes']
+    model = create(model_name, num_classes=num_classes)
+    load_weights(model, run.state_dict, source=str(run.path))
+    data_config = dict(state['data_config'])
+    if img_size:
+        data_config = eval_data_config(model_name, img_size, data_config['crop_pct'], data_config['interpolation'],
+                                       data_config['mean'], data_config['std'])
+    return ClassificationPredictor(model, class_names_for(num_classes, state['class_names']), device,
+                                   model_name=model_name, data_config=data_config,
+                                   trained_classes=state['class_names'], trained_data=run.config.get('data'))
+
+
+def _load_weights_file(run: RunCheckpoint, device, model_name: Optional[str], img_size: Optional[int]):
+    weights = remap_original_keys(run.state_dict)
+    model_name = model_name or guess_variant(weights)
+    if model_name is None:
+        raise CheckpointError(f'{run.path} is not a HAT-Net checkpoint: pass --model with its timm name')
+    _check_model_name(model_name)
+    classifier = getattr(timm.models.get_pretrained_cfg(model_name), 'classifier', None) or 'head'
+    if f'{classifier}.weight' not in weights:
+        raise CheckpointError(f'{run.path} has no classifier ({classifier}.weight): not a classification checkpoint')
+    model = create(model_name, run.path)  # as many classes as the checkpoint's classifier has
+    data_config = eval_data_config(model_name, img_size or default_img_size(model_name))
+    return ClassificationPredictor(model, class_names_for(model.num_classes), device, model_name=model_name,
+                                   data_config=data_config)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -263,199 +280,63 @@ def plot_confusion_matrix(confusion: torch.Tensor, class_names: List[str], path,
 
 # ---------------------------------------------------------------------------------------------- inference
 @dataclass
-class Classifier:
-    """A model ready for evaluation or prediction, with what is known about its outputs and inputs."""
-    model: nn.Module
-    model_name: str
-    class_names: List[str]                 # one per output: trained classes, ImageNet's, or the indices
-    data_config: Dict[str, Any]
-    trained_classes: Optional[List[str]]   # the classes of the data it was trained on (our checkpoints)
-    trained_data: Optional[str] = None     # that data ('digits' or a folder), if known
+class Classification(Prediction):
+    """The top-k classes of one image, most probable first."""
+    labels: List[str]        # class names
+    indices: List[int]       # class indices (the model's outputs)
+    scores: List[float]      # softmax probabilities
+
+    def to_dict(self) -> Dict[str, Any]:
+        """What ``hatnet predict --json`` prints for the image."""
+        return dict(image=self.image, predictions=[dict(index=i, name=name, probability=p)
+                                                   for i, name, p in zip(self.indices, self.labels, self.scores)])
 
 
-def load_classifier(checkpoint, model_name: Optional[str] = None, img_size: Optional[int] = None,
-                    device: torch.device = torch.device('cpu')) -> Classifier:
-    """A run directory (its best checkpoint), one of our checkpoints, or a bare weights file (an original
-    HAT-Net .pth, a safetensors file, ...; the variant is recognised for hat_net weights) -> eval-mode model."""
-    loaded = load_run_checkpoint(checkpoint, task='classification')
-    state = loaded.task_state
-    if loaded.task:
-        if model_name and model_name != state['model']:
-            raise CheckpointError(f'{loaded.path} holds a {state["model"]}, not a {model_name}')
-        model_name, num_classes = state['model'], state['num_classes']
-        model = create_classifier(model_name, num_classes)
-        load_weights(model, loaded.state_dict, source=str(loaded.path))
-        trained_classes = state['class_names']
-        data_config = dict(state['data_config'])
-        if img_size:
-            data_config = eval_data_config(model_name, img_size, data_config['crop_pct'],
-                                           data_config['interpolation'], data_config['mean'], data_config['std'])
-    else:
-        weights = remap_original_keys(loaded.state_dict)
-        model_name = model_name or guess_variant(weights)
-        if model_name is None:
-            raise CheckpointError(f'{loaded.path} is not a HAT-Net checkpoint: pass --model with its timm name')
-        _check_model_name(model_name)
-        classifier = getattr(timm.models.get_pretrained_cfg(model_name), 'classifier', None) or 'head'
-        if f'{classifier}.weight' not in weights:
-            raise CheckpointError(f'{loaded.path} has no classifier ({classifier}.weight): not a classification '
-                                  f'checkpoint')
-        num_classes = weights[f'{classifier}.weight'].shape[0]
-        model = create_classifier(model_name, num_classes, weights, source=str(loaded.path))
-        trained_classes = None
-        data_config = eval_data_config(model_name, img_size or default_img_size(model_name))
-    return Classifier(model.to(device).eval(), model_name, class_names_for(num_classes, trained_classes),
-                      data_config, trained_classes, loaded.config.get('data'))
+class ClassificationPredictor(Predictor):
+    """A classifier with its class names and eval transform (see :meth:`ClassificationTask.load`)."""
+    task = ClassificationTask.name
 
+    def __init__(self, model: nn.Module, class_names: List[str], device='auto', *, model_name: str,
+                 data_config: Dict[str, Any], trained_classes: Optional[List[str]] = None,
+                 trained_data: Optional[str] = None):
+        super().__init__(model, class_names, device)
+        self.model_name = model_name
+        self.data_config = data_config  # timm's eval transform settings (input size, crop, mean / std, ...)
+        self.transform = eval_transform(data_config)
+        self.trained_classes = trained_classes  # the classes of the data it was trained on (our runs)
+        self.trained_data = trained_data        # that data ('digits' or a folder), if known
 
-def evaluate_classifier(classifier: Classifier, data: str, split: str = 'val', batch_size: int = 64,
-                        workers: int = 2) -> Tuple[Dict[str, float], torch.Tensor, List[str]]:
-    """(metrics, confusion matrix, class names) of a classifier on one split of a dataset."""
-    from torch.utils.data import DataLoader
+    @torch.no_grad()
+    def predict(self, images: Images, top_k: int = 5, batch_size: int = 32) -> List[Classification]:
+        """The ``top_k`` most probable classes of each image."""
+        inputs = read_inputs(images)
+        results = []
+        for start in range(0, len(inputs), batch_size):
+            chunk = inputs[start:start + batch_size]
+            batch = torch.stack([self.transform(picture) for _, picture in chunk]).to(self.device)
+            probs = self.model(batch).float().softmax(1).cpu()
+            values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
+            results += [Classification(source, [self.class_names[i] for i in row], row, scores)
+                        for (source, _), row, scores in zip(chunk, indices.tolist(), values.tolist())]
+        return results
 
-    dataset = classification_dataset(data, split, eval_transform(classifier.data_config),
-                                     img_size=classifier.data_config['input_size'][-1])
-    num_classes = len(classifier.class_names)
-    if len(dataset.classes) > num_classes:
-        raise DatasetError(f'{data} has {len(dataset.classes)} classes, the model only {num_classes} outputs')
-    if classifier.trained_classes is not None:
-        check_same_classes(classifier.trained_classes, dataset.classes, 'the checkpoint', f'{data}/{split}')
-    device = next(classifier.model.parameters()).device
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    with torch.no_grad(), worker_errors_unwrapped():
-        confusion, top5, loss = confusion_matrix(classifier.model, loader, device, num_classes)
-    # without stored names (or ImageNet's), the data's folder names are the best labels for the report
-    names = classifier.class_names if classifier.trained_classes or num_classes == 1000 else class_names_for(
-        num_classes, dataset.classes)
-    return summarize(confusion, top5, loss), confusion, names
-
-
-def predict(classifier: Classifier, images: torch.Tensor, top_k: int = 5) -> List[List[Tuple[int, str, float]]]:
-    """Top-k (class index, class name, probability) for each image of a transformed batch."""
-    device = next(classifier.model.parameters()).device
-    with torch.no_grad():
-        probs = classifier.model(images.to(device)).float().softmax(1).cpu()
-    values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
-    return [[(i, classifier.class_names[i], p) for i, p in zip(row_i.tolist(), row_p.tolist())]
-            for row_i, row_p in zip(indices, values)]
-
-
-# ---------------------------------------------------------------------------------------------- attention
-def attention_probabilities(model: nn.Module, image: torch.Tensor, stage: int, block: int,
-                            query: Tuple[float, float]) -> Dict[str, Any]:
-    """Where one query location of a block's H-MHSA looks, per head.
-
-    A forward hook captures the attention module's input; the probabilities are recomputed from the module's
-    own layers (norm, qkv, grid_norm, q, kv, pool, ds_norm), the way its forward computes them.
-
-    image: one transformed image (C, H, W); query: (x, y) pixel of that image.
-    Returns ``query`` (row, column of its token on the stage's ``map_size`` grid); ``local`` (heads, cell rows,
-    cell cols) and ``cell`` (top row, left column) for the grid step; ``global`` (heads, pooled rows, pooled
-    cols) for the pooled step, or over the whole map if the stage has no grid; ``x`` and ``output``: the
-    module's input and output.
-    """
-    attn = model.stages[stage].blocks[block].attn
-    captured = {}
-    handle = attn.register_forward_hook(lambda module, inputs, output: captured.update(x=inputs[0], out=output))
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            model(image[None].to(device))
-    finally:
-        handle.remove()
-    x = captured['x']
-    heads, head_dim = attn.num_heads, attn.head_dim
-    height, width = x.shape[-2:]
-    stride = model.feature_info[stage]['reduction']
-    row, col = min(int(query[1]) // stride, height - 1), min(int(query[0]) // stride, width - 1)
-    scale = head_dim ** -0.5
-
-    def heads_of(t):  # (1, heads * head_dim, h, w) -> (heads, head_dim, h, w)
-        return t.reshape(heads, head_dim, *t.shape[-2:])
-
-    with torch.no_grad():
-        qkv = attn.qkv(attn.norm(x))
-        q, k, _ = (heads_of(t) for t in qkv.chunk(3, dim=1))
-        query_vec = q[:, :, row, col]  # (heads, head_dim)
-        result = dict(x=x, output=captured['out'], map_size=(height, width), query=(row, col))
-        if attn.grid_norm is None:  # plain global self-attention over the whole map
-            logits = torch.einsum('hd,hdyx->hyx', query_vec * scale, k)
-            result['global'] = logits.flatten(1).softmax(-1).reshape(logits.shape).cpu()
-            return result
-        # local step: the keys of the query's grid cell (a ragged edge cell has only its valid tokens)
-        size = attn.grid_size
-        top, left = row // size * size, col // size * size
-        cell_keys = k[:, :, top:top + size, left:left + size]
-        logits = torch.einsum('hd,hdyx->hyx', query_vec * scale, cell_keys)
-        result['local'] = logits.flatten(1).softmax(-1).reshape(logits.shape).cpu()
-        result['cell'] = (top, left)
-        # global step: queries from the locally attended map, keys from its pooled copy
-        local = attn.grid_norm(x + grid_attention(qkv, size, heads))
-        global_query = heads_of(attn.q(local))[:, :, row, col]
-        pooled_keys = heads_of(attn.kv(attn.ds_norm(attn.pool(local))).chunk(2, dim=1)[0])
-        logits = torch.einsum('hd,hdyx->hyx', global_query * scale, pooled_keys)
-        result['global'] = logits.flatten(1).softmax(-1).reshape(logits.shape).cpu()
-        result['pool'] = attn.pool.kernel_size
-    return result
-
-
-def attention_blocks(model: nn.Module) -> List[Tuple[int, int]]:
-    """(stage, block) of every H-MHSA block of a HAT-Net model."""
-    if not (hasattr(model, 'stages') and all(hasattr(s, 'blocks') for s in model.stages)) or not any(
-            hasattr(b, 'attn') and hasattr(b.attn, 'grid_size') for s in model.stages for b in s.blocks):
-        raise HatNetError('attention maps need a hat_net model')
-    return [(i, j) for i, s in enumerate(model.stages) for j in range(len(s.blocks))]
-
-
-def _token_map(result: Dict[str, Any], key: str) -> np.ndarray:
-    """Head-averaged probabilities of one step on the stage's token grid (NaN outside the local cell)."""
-    probs = result[key].mean(0).numpy()
-    height, width = result['map_size']
-    if key == 'local':
-        top, left = result['cell']
-        full = np.full((height, width), np.nan)
-        full[top:top + probs.shape[0], left:left + probs.shape[1]] = probs
-        return full
-    if 'pool' in result:  # every token of a pooling window shows that pooled token's probability
-        probs = probs.repeat(result['pool'], 0).repeat(result['pool'], 1)[:height, :width]
-    return probs
-
-
-def plot_attention(image: np.ndarray, result: Dict[str, Any], path, title: str = '') -> None:
-    """Image with the query, then the grid (local) and pooled (global) attention averaged over heads."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
-    img_h, img_w = image.shape[:2]
-    height, width = result['map_size']
-    sy, sx = img_h / height, img_w / width  # image pixels per token
-    row, col = result['query']
-    panels = [('query', None)]
-    if 'local' in result:
-        cell_h, cell_w = result['local'].shape[-2:]
-        panels.append((f'local step: within its {cell_h}x{cell_w}-token grid cell', 'local'))
-        pooled_h, pooled_w = result['global'].shape[-2:]
-        panels.append((f'global step: to {pooled_h}x{pooled_w} pooled tokens', 'global'))
-    else:
-        panels.append((f'global attention to all {height}x{width} tokens', 'global'))
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.6))
-    for ax, (label, key) in zip(axes, panels):
-        ax.imshow(image)
-        if key is not None:
-            shown = ax.imshow(_token_map(result, key), cmap='inferno', alpha=0.6, extent=(0, img_w, img_h, 0),
-                              interpolation='nearest')
-            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label='attention probability')
-        if key == 'local':
-            top, left = result['cell']
-            ax.add_patch(Rectangle((left * sx, top * sy), cell_w * sx, cell_h * sy, fill=False,
-                                   edgecolor='yellow', linewidth=1.5))
-        ax.plot((col + 0.5) * sx, (row + 0.5) * sy, marker='x', color='cyan', markersize=10, markeredgewidth=2.5)
-        ax.set_title(label, fontsize=9)
-        ax.axis('off')
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    def evaluate(self, data: str, split: str = 'val', batch_size: int = 64, workers: int = 2) -> Dict[str, Any]:
+        """top1, top5 (fractions), loss, mean_class_acc, images, per_class (accuracy of each class with images),
+        class_names and the confusion matrix (rows: true class, columns: predicted) on one split of ``data``."""
+        dataset = classification_dataset(data, split, self.transform, img_size=self.data_config['input_size'][-1])
+        num_classes = len(self.class_names)
+        if len(dataset.classes) > num_classes:
+            raise DatasetError(f'{data} has {len(dataset.classes)} classes, the model only {num_classes} outputs')
+        if self.trained_classes is not None:
+            check_same_classes(self.trained_classes, dataset.classes, 'the checkpoint', f'{data}/{split}')
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+        with torch.no_grad(), worker_errors_unwrapped():
+            confusion, top5, loss = confusion_matrix(self.model, loader, self.device, num_classes)
+        # without stored names (or ImageNet's), the data's folder names are the best labels for the report
+        names = self.class_names if self.trained_classes or num_classes == 1000 else class_names_for(
+            num_classes, dataset.classes)
+        counts = confusion.sum(1).tolist()
+        per_class = {name: float(accuracy) for name, n, accuracy in zip(names, counts, per_class_accuracy(confusion))
+                     if n > 0}
+        return dict(summarize(confusion, top5, loss), images=int(sum(counts)), per_class=per_class, class_names=names,
+                    confusion=confusion.long().tolist())

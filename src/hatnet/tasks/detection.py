@@ -1,36 +1,36 @@
 """Object detection (RetinaNet) and instance segmentation (Mask R-CNN) as a :class:`hatnet.engine.Task`.
 
-Also the pieces ``hatnet det eval`` / ``det predict`` share with training: turning the detector's outputs into
-COCO results, COCO evaluation (faster-coco-eval, the pycocotools algorithm), and drawing detections.
+Also the pieces evaluation and prediction share with training: turning the detector's outputs into COCO
+results and COCO evaluation (faster-coco-eval, the pycocotools algorithm). Inference: ``DetectionTask.load(run)``
+(or ``hatnet.load``) -> :class:`DetectionPredictor`, whose ``predict(images)`` gives a :class:`Detection` (boxes,
+class names, scores, masks) per image.
 """
 import json
 import logging
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from faster_coco_eval import COCO as EvalCOCO
 from faster_coco_eval import COCOeval_faster
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pycocotools import mask as mask_utils
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2.functional import pil_to_tensor
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from ..fileio import atomic_write, write_csv_atomic, write_text_atomic
 from ..data.detection import CocoDetection, check_same_categories, collate, detection_transforms
-from ..engine import Task, TrainConfig, load_run_checkpoint, load_weights
+from ..engine import Task, load_weights, worker_errors_unwrapped
 from ..engine import distributed as dist
-from ..engine import resolve_config
-from ..errors import CheckpointError, DatasetError, InputError
+from ..errors import DatasetError
+from ..fileio import write_csv_atomic, write_text_atomic
 from ..models.detection import check_arch, create_detector
+from .predictor import Images, Prediction, Predictor, read_inputs, read_run
 
-__all__ = ['COCO_STATS', 'DetectionConfig', 'DetectionTask', 'TrainedDetector', 'build_detector', 'coco_metrics',
-           'coco_results', 'detection_configs', 'draw_detections', 'evaluate_checkpoint', 'iou_types', 'load_detector',
-           'predict_coco', 'predict_images', 'write_csv', 'write_json']
+__all__ = ['COCO_STATS', 'Detection', 'DetectionConfig', 'DetectionPredictor', 'DetectionTask', 'build_detector',
+           'coco_metrics', 'coco_results', 'iou_types', 'predict_coco', 'write_csv', 'write_json']
 
 _logger = logging.getLogger(__name__)
 
@@ -67,29 +67,28 @@ class DetectionTask(Task):
     def __init__(self, config: DetectionConfig):
         check_arch(config.arch)
         self.config = config
-        self._datasets: Optional[Tuple[CocoDetection, CocoDetection]] = None
+        self.category_ids: List[int] = []  # the dataset's category ids, in label order: build_datasets
 
     @property
     def iou_types(self) -> Tuple[str, ...]:
         return iou_types(self.config.arch)
 
     def build_datasets(self) -> Tuple[CocoDetection, CocoDetection]:
-        if self._datasets is None:  # the model needs the number of classes: built once, for both
-            c = self.config
-            with_masks = 'segm' in self.iou_types
-            train_set = CocoDetection(
-                c.data, c.train_split, detection_transforms(True, c.multi_scale or [c.min_size], c.max_size, c.hflip),
-                with_masks=with_masks, train=True)
-            val_set = CocoDetection(c.data, c.val_split, detection_transforms(False), with_masks=with_masks)
-            check_same_categories(train_set, val_set)
-            for split, ds in (('train', train_set), ('val', val_set)):
-                if ds.skipped and dist.is_main_process():
-                    _logger.warning('%s: skipped %s', split, ', '.join(f'{n} {what}' for what, n in ds.skipped.items()))
-            self._datasets = train_set, val_set
-        return self._datasets
+        c = self.config
+        with_masks = 'segm' in self.iou_types
+        train_set = CocoDetection(
+            c.data, c.train_split, detection_transforms(True, c.multi_scale or [c.min_size], c.max_size, c.hflip),
+            with_masks=with_masks, train=True)
+        val_set = CocoDetection(c.data, c.val_split, detection_transforms(False), with_masks=with_masks)
+        check_same_categories(train_set, val_set)
+        for split, ds in (('train', train_set), ('val', val_set)):
+            if ds.skipped and dist.is_main_process():
+                _logger.warning('%s: skipped %s', split, ', '.join(f'{n} {what}' for what, n in ds.skipped.items()))
+        self.class_names, self.category_ids = train_set.class_names, train_set.category_ids
+        return train_set, val_set
 
     def build_model(self) -> nn.Module:
-        return build_detector(self.config, self.build_datasets()[0].num_classes, pretrained=True)
+        return build_detector(self.config, len(self.class_names) + 1, pretrained=True)  # + the background
 
     def train_step(self, model: nn.Module, batch: Any, device: torch.device):
         images, targets = batch
@@ -106,9 +105,25 @@ class DetectionTask(Task):
         return coco_metrics(dataset.coco.dataset, [r for shard in shards for r in shard], self.iou_types)
 
     def state(self) -> Dict[str, Any]:
-        train_set = self.build_datasets()[0]
-        return dict(config=asdict(self.config), num_classes=train_set.num_classes,
-                    class_names=train_set.class_names, category_ids=train_set.category_ids)
+        return dict(super().state(), category_ids=self.category_ids)
+
+    @classmethod
+    def load(cls, run_or_checkpoint, device: str = 'auto', score_thresh: Optional[float] = None,
+             detections_per_img: Optional[int] = None, min_size: Optional[int] = None,
+             max_size: Optional[int] = None) -> 'DetectionPredictor':
+        """A detector for inference from a run directory (its best checkpoint) or a checkpoint file of ``hatnet det
+        train``. The options change the run's inference settings: drop detections scoring below
+        ``score_thresh``, keep at most ``detections_per_img``, resize to a shorter side of ``min_size`` with the
+        longer side at most ``max_size``."""
+        run = read_run(run_or_checkpoint, cls.name)
+        state = run.task_state
+        overrides = dict(score_thresh=score_thresh, detections_per_img=detections_per_img, min_size=min_size,
+                         max_size=max_size)
+        config = replace(DetectionConfig(**state['config']), **{k: v for k, v in overrides.items() if v is not None})
+        model = build_detector(config, len(state['class_names']) + 1)
+        load_weights(model, run.state_dict, source=str(run.path))
+        return DetectionPredictor(model, state['class_names'], device, category_ids=state['category_ids'],
+                                  config=config)
 
 
 def iou_types(arch: str) -> Tuple[str, ...]:
@@ -117,7 +132,8 @@ def iou_types(arch: str) -> Tuple[str, ...]:
 
 
 def build_detector(config: DetectionConfig, num_classes: int, pretrained: bool = False) -> nn.Module:
-    """The detector a config describes (``pretrained``: load ``config.pretrained`` into the backbone)."""
+    """The detector a config describes, for ``num_classes`` classes counted as torchvision does (the background
+    and the object classes); ``pretrained``: load ``config.pretrained`` into the backbone."""
     if config.arch == 'maskrcnn':
         inference = dict(box_score_thresh=config.score_thresh, box_detections_per_img=config.detections_per_img,
                          box_batch_size_per_image=config.roi_batch_size)
@@ -129,40 +145,26 @@ def build_detector(config: DetectionConfig, num_classes: int, pretrained: bool =
         max_size=config.max_size, **inference)
 
 
-@dataclass
-class TrainedDetector:
-    """A detector rebuilt from a run checkpoint, with the facts needed to use it."""
-    model: nn.Module
-    config: DetectionConfig
-    class_names: List[str]
-    category_ids: List[int]
-    metrics: Dict[str, Any]
-
-
-def load_detector(checkpoint, **overrides) -> TrainedDetector:
-    """Rebuild a trained detector from a run directory (its best checkpoint) or a checkpoint file.
-
-    ``overrides``: inference settings to change (score_thresh, detections_per_img, min_size, max_size).
-    """
-    ckpt = load_run_checkpoint(checkpoint, task=DetectionTask.name)
-    if ckpt.task != DetectionTask.name:
-        raise CheckpointError(f'{ckpt.path} is not a hatnet detection checkpoint (train one with hatnet det train)')
-    state = ckpt.task_state
-    config = replace(DetectionConfig(**state['config']), **{k: v for k, v in overrides.items() if v is not None})
-    model = build_detector(config, state['num_classes'])
-    load_weights(model, ckpt.state_dict, source=str(ckpt.path))
-    return TrainedDetector(model.eval(), config, state['class_names'], state['category_ids'], ckpt.metrics)
-
-
 def coco_results(output: Dict[str, torch.Tensor], image_id: int, category_ids: Sequence[int]) -> List[dict]:
-    """One image's detections as COCO result entries (xywh boxes, category ids, RLE masks if present)."""
-    boxes = output['boxes'].detach().cpu().clone()
-    boxes[:, 2:] -= boxes[:, :2]
-    entries = [dict(image_id=int(image_id), category_id=int(category_ids[label - 1]), bbox=box, score=score)
-               for box, label, score in zip(boxes.tolist(), output['labels'].tolist(), output['scores'].tolist())]
-    if 'masks' in output:
-        masks = (output['masks'][:, 0] > MASK_THRESHOLD).cpu().numpy().astype(np.uint8)
-        rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0))) if len(masks) else []
+    """One image's detections (a torchvision detector's output) as COCO result entries (xywh boxes, category
+    ids, RLE masks if present)."""
+    masks = (output['masks'][:, 0] > MASK_THRESHOLD).cpu().numpy() if 'masks' in output else None
+    labels = output['labels'].tolist()
+    entries = _coco_entries(output['boxes'].detach().cpu().numpy(), [category_ids[i - 1] for i in labels],
+                            output['scores'].tolist(), masks)
+    return [dict(image_id=int(image_id), **entry) for entry in entries]
+
+
+def _coco_entries(boxes: np.ndarray, category_ids: Sequence[int], scores: Sequence[float],
+                  masks: Optional[np.ndarray]) -> List[dict]:
+    """COCO result entries without the image id: category_id, bbox (x, y, width, height), score and, with
+    (N, H, W) boolean masks, segmentation (compressed RLE)."""
+    xywh = boxes.astype(np.float64).copy()
+    xywh[:, 2:] -= xywh[:, :2]
+    entries = [dict(category_id=int(c), bbox=box, score=float(score))
+               for c, box, score in zip(category_ids, xywh.tolist(), scores)]
+    if masks is not None and len(masks):
+        rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
         for entry, rle in zip(entries, rles):
             entry['segmentation'] = dict(size=rle['size'], counts=rle['counts'].decode('ascii'))
     return entries
@@ -200,90 +202,91 @@ def coco_metrics(ground_truth: dict, results: List[dict], iou_types: Sequence[st
     return metrics
 
 
-def _class_colours(num_classes: int) -> List[Tuple[int, int, int]]:
+# ---------------------------------------------------------------------------------------------------------------
+# inference
+
+
+@dataclass
+class Detection(Prediction):
+    """The objects found in one image, most confident first."""
+    boxes: np.ndarray                 # (N, 4) float32 x1, y1, x2, y2 in the image's pixels
+    labels: List[str]                 # class names
+    category_ids: List[int]           # the dataset's category ids
+    scores: np.ndarray                # (N,) float32
+    masks: Optional[np.ndarray] = None  # (N, H, W) bool at the image's size (Mask R-CNN); None for boxes only
+
+    def draw(self) -> Image.Image:
+        """The input image with the masks, boxes, class names and scores drawn on it."""
+        image = pil_to_tensor(self.input_picture())
+        colours = [_category_colour(c) for c in self.category_ids]
+        if self.masks is not None and len(self.labels):
+            image = draw_segmentation_masks(image, torch.from_numpy(self.masks), alpha=0.45, colors=colours)
+        captions = [f'{label} {score:.2f}' for label, score in zip(self.labels, self.scores.tolist())]
+        drawn = draw_bounding_boxes(image, torch.from_numpy(self.boxes), captions, colors=colours, width=2)
+        return Image.fromarray(drawn.permute(1, 2, 0).numpy())
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The image and its detections as COCO result entries (category_id, bbox as x, y, width, height, score,
+        segmentation as RLE for masks) with the class name as ``label``."""
+        entries = _coco_entries(self.boxes, self.category_ids, self.scores.tolist(), self.masks)
+        detections = [dict(entry, label=label) for entry, label in zip(entries, self.labels)]
+        return dict(image=self.image, detections=detections)
+
+
+def _category_colour(category_id: int) -> Tuple[int, int, int]:
     import matplotlib
-    cmap = matplotlib.colormaps['tab20']
-    return [tuple(int(255 * v) for v in cmap(i % 20)[:3]) for i in range(num_classes)]
+    return tuple(int(255 * v) for v in matplotlib.colormaps['tab20'](category_id % 20)[:3])
 
 
-def draw_detections(image: torch.Tensor, output: Dict[str, torch.Tensor], class_names: Sequence[str]) -> torch.Tensor:
-    """uint8 (3, H, W) image with the detections' masks, boxes, class names and scores drawn on it."""
-    colours = _class_colours(len(class_names) + 1)
-    labels = output['labels'].tolist()
-    box_colours = [colours[label] for label in labels]
-    if 'masks' in output and len(labels):
-        image = draw_segmentation_masks(image, output['masks'][:, 0] > MASK_THRESHOLD, alpha=0.45, colors=box_colours)
-    captions = [f'{class_names[label - 1]} {score:.2f}' for label, score in zip(labels, output['scores'].tolist())]
-    return draw_bounding_boxes(image, output['boxes'], captions, colors=box_colours, width=2)
+class DetectionPredictor(Predictor):
+    """A detector with the run's categories and inference settings (see :meth:`DetectionTask.load`)."""
+    task = DetectionTask.name
+
+    def __init__(self, model: nn.Module, class_names: List[str], device='auto', *, category_ids: List[int],
+                 config: DetectionConfig):
+        super().__init__(model, class_names, device)
+        self.category_ids = list(category_ids)  # the dataset's id of each class
+        self.config = config                    # the run's settings with the inference overrides
+
+    @torch.no_grad()
+    def predict(self, images: Images) -> List[Detection]:
+        """The objects in each image (the model resizes it, and maps its boxes and masks back to the image).
+        One image at a time: in a batch, torchvision pads the images to a common size, which changes the
+        features near the borders and so the detections."""
+        results = []
+        for source, picture in read_inputs(images):
+            output = self.model([pil_to_tensor(picture).to(self.device) / 255.])[0]
+            results.append(self._detection(source, picture, {k: v.cpu() for k, v in output.items()}))
+        return results
+
+    def _detection(self, source: Optional[str], picture: Image.Image, output: Dict[str, torch.Tensor]) -> Detection:
+        order = output['scores'].argsort(descending=True, stable=True)
+        labels = output['labels'][order].tolist()
+        masks = output['masks'][order, 0] > MASK_THRESHOLD if 'masks' in output else None
+        return Detection(source, output['boxes'][order].numpy(), [self.class_names[i - 1] for i in labels],
+                         [self.category_ids[i - 1] for i in labels], output['scores'][order].numpy(),
+                         None if masks is None else masks.numpy(), picture=picture)
+
+    def evaluate(self, data, split: Optional[str] = None, batch_size: int = 2, workers: int = 2,
+                 results_file=None) -> Dict[str, float]:
+        """COCO AP, AP50, AP75, APs/m/l of the boxes (``bbox_*``) and, for Mask R-CNN, of the masks (``segm_*``)
+        on one split of a COCO-format dataset (default: the run's validation split); NaN where COCO cannot
+        compute one. ``results_file``: also write the detections there as a COCO results json."""
+        dataset = CocoDetection(data, split or self.config.val_split, detection_transforms(False),
+                                with_masks=self.config.arch == 'maskrcnn')
+        if dataset.category_ids != self.category_ids or dataset.class_names != self.class_names:
+            raise DatasetError(f'{dataset.annotation_file} lists other categories than the detector was trained on '
+                               f'({", ".join(self.class_names)})')
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+        with worker_errors_unwrapped():
+            detections = predict_coco(self.model, loader, self.device, dataset.category_ids)
+        if results_file is not None:
+            write_json(detections, results_file)
+        return coco_metrics(dataset.coco.dataset, detections, iou_types(self.config.arch))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # what the det commands run
-
-
-def detection_configs(options: Dict[str, Any], recipe: Optional[str] = None) -> Tuple[TrainConfig, DetectionConfig]:
-    """Settings of a ``det train`` run: defaults < recipe (by default the arch's 1x COCO recipe) < options;
-    ``resume`` reads the run's own config.yaml. A new length moves the recipe's lr steps (``resolve_config``)."""
-    recipe = recipe or (None if options.get('resume') else f'coco_{options.get("arch") or "retinanet"}_1x')
-    return resolve_config(DetectionConfig, options, recipe=recipe)
-
-
-def _check_categories(dataset: CocoDetection, detector: TrainedDetector) -> None:
-    if dataset.category_ids != detector.category_ids or dataset.class_names != detector.class_names:
-        raise DatasetError(f'{dataset.annotation_file} lists other categories than the detector was trained on '
-                           f'({", ".join(detector.class_names)})')
-
-
-def evaluate_checkpoint(checkpoint, data, split: Optional[str] = None, batch_size: int = 2, workers: int = 2,
-                        device: str = 'auto', **overrides) -> Tuple[Dict[str, float], List[dict]]:
-    """COCO metrics of a trained detector on one split (default: the run's validation split), and its
-    detections as COCO results."""
-    device = dist.resolve_device(device)
-    detector = load_detector(checkpoint, **overrides)
-    dataset = CocoDetection(data, split or detector.config.val_split, detection_transforms(False),
-                            with_masks=detector.config.arch == 'maskrcnn')
-    _check_categories(dataset, detector)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
-    detections = predict_coco(detector.model.to(device), loader, device, dataset.category_ids)
-    return coco_metrics(dataset.coco.dataset, detections, iou_types(detector.config.arch)), detections
-
-
-def _read_image(path: Path) -> torch.Tensor:
-    try:
-        with Image.open(path) as image:
-            return pil_to_tensor(image.convert('RGB'))
-    except (OSError, UnidentifiedImageError) as e:
-        raise InputError(f'cannot read image {path}: {e}') from None
-
-
-@torch.no_grad()
-def predict_images(images: Sequence[Path], checkpoint, out: Path, device: str = 'auto', **overrides) -> List[Path]:
-    """Detect objects in image files; writes ``out/<name>.png`` (detections drawn) and ``out/predictions.json``.
-
-    Every image is checked before anything is written. ``overrides``: score_thresh, detections_per_img, ...
-    """
-    images, out = [Path(p) for p in images], Path(out)
-    pngs = [out / f'{p.stem}.png' for p in images]
-    for path, png in zip(images, pngs):
-        _read_image(path)
-        if pngs.count(png) > 1:
-            raise InputError(f'two input images would both be drawn to {png}; rename one of them')
-    device = dist.resolve_device(device)
-    detector = load_detector(checkpoint, **overrides)
-    model = detector.model.to(device)
-    entries = []
-    for path, png in zip(images, pngs):
-        image = _read_image(path)
-        output = {k: v.cpu() for k, v in model([image.to(device) / 255.])[0].items()}
-        drawn = draw_detections(image, output, detector.class_names).permute(1, 2, 0).numpy()
-        atomic_write(png, lambda tmp: Image.fromarray(drawn).save(tmp, format='PNG'))
-        detections = coco_results(output, 0, detector.category_ids)
-        for entry, label in zip(detections, output['labels'].tolist()):
-            del entry['image_id']
-            entry['label'] = detector.class_names[label - 1]
-        entries.append(dict(image=str(path), drawing=str(png), detections=detections))
-    write_json(entries, out / 'predictions.json')
-    return pngs
 
 
 def write_json(obj: Any, path) -> None:

@@ -11,8 +11,11 @@ whole split (ignored pixels left out):
 
 Sliding-window inference (windows of the crop size, overlapping by a third) and horizontal-flip
 averaging are optional.
+
+Inference: ``SegmentationTask.load(run)`` (or ``hatnet.load``) -> :class:`SegmentationPredictor`, whose
+``predict(images)`` gives a :class:`Segmentation` (a class-index mask at the image's size) per image.
 """
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -21,18 +24,19 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
-from torchmetrics.functional.classification import multiclass_confusion_matrix
+from torchvision import tv_tensors
+from torchvision.transforms.v2.functional import pil_to_tensor
 
-from ..fileio import atomic_write
 from ..data.segmentation import (
-    SegmentationData, SegmentationDataset, collate, colorize, eval_transform, get_layout, image_size, load_data,
-    load_image, train_transform)
-from ..engine import Task, distributed, load_run_checkpoint, load_weights
-from ..engine.checkpoint import BEST
-from ..errors import CheckpointError, InputError
+    SegmentationData, SegmentationDataset, collate, colorize, eval_transform, get_layout, load_data, make_palette,
+    train_transform)
+from ..engine import Task, distributed, load_weights, worker_errors_unwrapped
+from ..fileio import atomic_write
 from ..models.semantic_fpn import SemanticFPN
+from .predictor import Images, Prediction, Predictor, read_inputs, read_run
 
 
 @dataclass
@@ -41,7 +45,8 @@ class SegmentationConfig:
     data: str = ''
     layout: str = 'ade20k'              # ade20k | folders (see hatnet.data.segmentation)
     model: str = 'hat_net_tiny'         # backbone: a hat_net variant or any timm features_only model
-    pretrained: Optional[str] = None    # ImageNet checkpoint of the backbone (.pth / .safetensors)
+    pretrained: Optional[str] = None    # ImageNet weights of the backbone: a file or a classification run
+    frozen_stages: int = 0              # freeze the backbone's stem and first N stages
     num_classes: int = 0                # 0: read from the data
     crop_size: int = 512                # training crops
     short_side: int = 512               # test scale; training scales are short_side x U(ratio_range)
@@ -102,6 +107,9 @@ def confusion_matrix(model: nn.Module, loader: DataLoader, device: torch.device,
                      ignore_index: int, window: int = 0, flip: bool = False, progress=None) -> torch.Tensor:
     """The exact (num_classes x num_classes) confusion matrix, rows = annotation, columns = prediction, summed
     over the loader and over all processes of a distributed run (ignored pixels left out)."""
+    # imported here: torchmetrics takes a second to import, which every `hatnet` command would pay
+    from torchmetrics.functional.classification import multiclass_confusion_matrix
+
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     for images, masks in loader:
         for image, mask in zip(images, masks):
@@ -132,41 +140,12 @@ class SegmentationTask(Task):
 
     def __init__(self, config: SegmentationConfig):
         self.config = config
-        self._data: Optional[SegmentationData] = None
-
-    @property
-    def data(self) -> SegmentationData:
-        """The checked dataset (read on first use; every check runs before anything is trained or written)."""
-        if self._data is None:
-            self._data = load_data(self.config.data, self.config.layout, num_classes=self.config.num_classes or None)
-        return self._data
-
-    def pretrained_file(self) -> Optional[Path]:
-        """The backbone's ImageNet checkpoint file (a run directory means its best checkpoint)."""
-        if not self.config.pretrained:
-            return None
-        path = Path(self.config.pretrained)
-        path = path / BEST if path.is_dir() else path
-        if not path.is_file():
-            raise CheckpointError(f'pretrained checkpoint not found: {path}')
-        return path
-
-    def check_inputs(self) -> Tuple[SegmentationData, Optional[Path]]:
-        """The checked dataset and pretrained file: every check of user input that can run before the trainer
-        creates the run directory."""
-        return self.data, self.pretrained_file()
-
-    def build_model(self) -> nn.Module:
-        cfg = self.config
-        model = SemanticFPN(cfg.model, self.data.num_classes, pretrained=self.pretrained_file(), norm=cfg.norm,
-                            drop_path_rate=cfg.drop_path_rate)
-        if cfg.norm == 'bn' and distributed.is_distributed() and torch.distributed.get_backend() == 'nccl':
-            # batch statistics over the global batch, as mmsegmentation's SyncBN (CUDA only)
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        return model
+        self.data: Optional[SegmentationData] = None  # the checked dataset: build_datasets
 
     def build_datasets(self):
-        cfg, data = self.config, self.data
+        cfg = self.config
+        self.data = data = load_data(cfg.data, cfg.layout, num_classes=cfg.num_classes or None)
+        self.class_names = data.class_names
         mean, std = normalization(cfg.model)
         train_split, val_split = get_layout(cfg.layout).splits
         train = SegmentationDataset(
@@ -177,6 +156,15 @@ class SegmentationTask(Task):
         val = SegmentationDataset(data.samples[val_split], eval_transform(cfg.short_side, mean, std),
                                   data.ignore_index, data.reduce_zero_label, joint=False)
         return train, val
+
+    def build_model(self) -> nn.Module:
+        cfg = self.config
+        model = SemanticFPN(cfg.model, self.data.num_classes, pretrained=cfg.pretrained, norm=cfg.norm,
+                            drop_path_rate=cfg.drop_path_rate, frozen_stages=cfg.frozen_stages)
+        if cfg.norm == 'bn' and distributed.is_distributed() and torch.distributed.get_backend() == 'nccl':
+            # batch statistics over the global batch, as mmsegmentation's SyncBN (CUDA only)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model
 
     def train_step(self, model, batch, device):
         images, masks = batch
@@ -193,105 +181,109 @@ class SegmentationTask(Task):
         return {key: metrics[key] for key in ('mIoU', 'mAcc', 'aAcc')}
 
     def state(self) -> Dict[str, Any]:
-        return dict(config=asdict(self.config), class_names=self.data.class_names,
-                    ignore_index=self.data.ignore_index, palette=[list(c) for c in self.data.palette])
-
-
-@dataclass
-class TrainedModel:
-    """A trained model (eval mode, on its device) with the run's facts and the test-time settings."""
-    model: SemanticFPN
-    state: Dict[str, Any]   # the run's task state: config, class_names, ignore_index, palette
-    device: torch.device
-    short_side: int         # test scale
-    window: int             # sliding-window side, 0 for whole-image inference
+        return dict(super().state(), ignore_index=self.data.ignore_index,
+                    palette=[list(c) for c in self.data.palette])
 
     @classmethod
-    def load(cls, checkpoint, device: str = 'auto', short_side: Optional[int] = None, slide: bool = False,
-             window: Optional[int] = None) -> 'TrainedModel':
-        """From a run directory (its best checkpoint) or a checkpoint file written by ``hatnet seg train``; the
-        test scale defaults to the run's, the sliding window to its crop size."""
-        run = load_run_checkpoint(checkpoint, task=SegmentationTask.name)
-        if run.task != SegmentationTask.name:
-            raise CheckpointError(f'{run.path} holds bare weights, not a segmentation run; give a run directory of '
-                                  f'`hatnet seg train` or one of its checkpoints')
+    def load(cls, run_or_checkpoint, device: str = 'auto', short_side: Optional[int] = None, slide: bool = False,
+             window: Optional[int] = None) -> 'SegmentationPredictor':
+        """A segmenter for inference from a run directory (its best checkpoint) or a checkpoint file of ``hatnet seg
+        train``. ``short_side``: the test scale (default: the run's); ``slide``: sliding-window inference with
+        windows of ``window`` pixels (default: the run's crop size)."""
+        run = read_run(run_or_checkpoint, cls.name)
         state = run.task_state
         cfg = state['config']
         model = SemanticFPN(cfg['model'], len(state['class_names']), norm=cfg['norm'])
         load_weights(model, run.state_dict, source=str(run.path))
-        device = distributed.resolve_device(device)
-        return cls(model.to(device).eval(), state, device, short_side or cfg['short_side'],
-                   (window or cfg['crop_size']) if slide else 0)
+        return SegmentationPredictor(
+            model, state['class_names'], device, model_name=cfg['model'], layout=cfg['layout'],
+            palette=[tuple(c) for c in state['palette']],
+            short_side=short_side or cfg['short_side'], window=(window or cfg['crop_size']) if slide else 0)
+
+
+@dataclass
+class Segmentation(Prediction):
+    """The class of every pixel of one image."""
+    mask: np.ndarray                        # (H, W) class indices at the image's size
+    class_names: List[str]                  # the run's classes: mask value i is class_names[i]
+    palette: List[Tuple[int, int, int]] = field(repr=False)  # the run's colour of each class
 
     @property
-    def transform(self):
-        return eval_transform(self.short_side, *normalization(self.state['config']['model']))
+    def size(self) -> Tuple[int, int]:
+        """(width, height)."""
+        return self.mask.shape[1], self.mask.shape[0]
 
+    def shares(self, top: int = 3) -> Dict[str, float]:
+        """The ``top`` classes covering most of the image, with the fraction of the pixels each covers."""
+        counts = np.bincount(self.mask.ravel(), minlength=len(self.class_names))
+        return {self.class_names[i]: float(counts[i] / self.mask.size) for i in np.argsort(-counts)[:top] if counts[i]}
 
-def evaluate_checkpoint(
-        checkpoint,
-        data_dir,
-        layout: Optional[str] = None,
-        split: Optional[str] = None,
-        flip: bool = False,
-        workers: int = 2,
-        progress: bool = True,
-        **load_options,
-) -> Dict[str, Any]:
-    """Evaluate a trained model on one split of a dataset (layout and classes: the run's by default).
-    ``load_options`` go to :meth:`TrainedModel.load`. Returns mIoU / mAcc / aAcc and per-class IoU / Acc."""
-    from tqdm import tqdm
-    trained = TrainedModel.load(checkpoint, **load_options)
-    layout = layout or trained.state['config']['layout']
-    split = split or get_layout(layout).splits[1]
-    data = load_data(data_dir, layout, splits=[split], num_classes=len(trained.state['class_names']))
-    dataset = SegmentationDataset(data.samples[split], trained.transform, data.ignore_index, data.reduce_zero_label,
-                                  joint=False)
-    loader = DataLoader(dataset, batch_size=1, num_workers=workers, collate_fn=collate)
-    with tqdm(total=len(dataset), desc=f'evaluating {split}', unit='img', disable=not progress) as bar:
-        confusion = confusion_matrix(trained.model, loader, trained.device, data.num_classes, data.ignore_index,
-                                     trained.window, flip, progress=lambda: bar.update(1))
-    return dict(segmentation_metrics(confusion), class_names=trained.state['class_names'], split=split,
-                images=len(dataset), short_side=trained.short_side, window=trained.window, flip=flip)
+    def colorized(self) -> Image.Image:
+        """The mask in the run's colours (a palette image: its pixel values are the class indices)."""
+        return colorize(self.mask, self.palette)
 
+    def overlay(self, alpha: float = 0.5) -> Image.Image:
+        """The colours blended over the input image (``alpha``: their opacity)."""
+        return Image.blend(self.input_picture(), self.colorized().convert('RGB'), alpha)
 
-def predict_images(
-        checkpoint,
-        images: Sequence,
-        out_dir,
-        flip: bool = False,
-        alpha: float = 0.5,
-        **load_options,
-) -> List[Dict[str, Any]]:
-    """Segment image files; for each write ``<stem>_mask.png`` (class indices as a colour-palette PNG) and
-    ``<stem>_overlay.png`` (the colours blended over the image), both at the image's size.
-    ``load_options`` go to :meth:`TrainedModel.load`."""
-    from PIL import Image
-    images = [Path(p) for p in images]
-    stems = [p.stem for p in images]
-    duplicate = next((s for s in stems if stems.count(s) > 1), None)
-    if duplicate is not None:
-        raise InputError(f'two input images have the stem {duplicate!r}; their outputs would overwrite each other')
-    for path in images:  # every input is checked before anything is written
-        image_size(path)
-    trained = TrainedModel.load(checkpoint, **load_options)
-    class_names, palette = trained.state['class_names'], [tuple(c) for c in trained.state['palette']]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = []
-    for path in images:
-        pixels = load_image(path)
-        probs = predict_probs(trained.model, trained.transform(pixels)[None].to(trained.device), pixels.shape[-2:],
-                              trained.window, flip)
-        mask = probs.argmax(1)[0].cpu().numpy()
-        coloured = colorize(mask, palette)
-        overlay = Image.blend(Image.fromarray(pixels.permute(1, 2, 0).numpy()), coloured.convert('RGB'), alpha)
+    def save(self, out_dir, stem: str, alpha: float = 0.5) -> Dict[str, Path]:
+        """Write ``<stem>_mask.png`` (:meth:`colorized`) and ``<stem>_overlay.png`` (:meth:`overlay`) to
+        ``out_dir``; returns their paths by kind."""
         files = {}
-        for kind, picture in (('mask', coloured), ('overlay', overlay)):
-            files[kind] = out_dir / f'{path.stem}_{kind}.png'
+        for kind, picture in (('mask', self.colorized()), ('overlay', self.overlay(alpha))):
+            files[kind] = Path(out_dir) / f'{stem}_{kind}.png'
             atomic_write(files[kind], lambda tmp: picture.save(tmp, format='PNG'))
-        counts = np.bincount(mask.ravel(), minlength=len(class_names))
-        shares = {class_names[i]: counts[i] / mask.size for i in np.argsort(-counts)[:3] if counts[i]}
-        results.append(dict(image=str(path), size=list(mask.shape[::-1]), **{k: str(v) for k, v in files.items()},
-                            classes=shares))
-    return results
+        return files
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The image, its size [width, height] and the three classes covering most of it (fractions)."""
+        return dict(image=self.image, size=list(self.size), classes=self.shares())
+
+
+class SegmentationPredictor(Predictor):
+    """A Semantic FPN with the run's classes, colours and test-time settings (see :meth:`SegmentationTask.load`)."""
+    task = SegmentationTask.name
+
+    def __init__(self, model: nn.Module, class_names: List[str], device='auto', *, model_name: str,
+                 layout: str = 'ade20k', palette: Optional[List[Tuple[int, int, int]]] = None, short_side: int = 512,
+                 window: int = 0):
+        super().__init__(model, class_names, device)
+        self.model_name = model_name  # the backbone: its input normalisation
+        self.layout = layout          # of the run's data: what evaluate() expects by default
+        self.palette = palette or make_palette(len(self.class_names))
+        self.short_side = short_side  # test scale
+        self.window = window          # sliding-window side, 0 for whole-image inference
+        self.transform = eval_transform(short_side, *normalization(model_name))
+
+    def predict(self, images: Images, flip: bool = False) -> List[Segmentation]:
+        """The class of every pixel (``flip``: averaged with the horizontally flipped image)."""
+        results = []
+        for source, picture in read_inputs(images):
+            pixels = tv_tensors.Image(pil_to_tensor(picture))
+            probs = predict_probs(self.model, self.transform(pixels)[None].to(self.device), pixels.shape[-2:],
+                                  self.window, flip)
+            results.append(Segmentation(source, probs.argmax(1)[0].cpu().numpy(), self.class_names, self.palette,
+                                        picture=picture))
+        return results
+
+    def evaluate(self, data, layout: Optional[str] = None, split: Optional[str] = None, flip: bool = False,
+                 workers: int = 2, progress: bool = False) -> Dict[str, Any]:
+        """mIoU, mAcc, aAcc (fractions), per_class (IoU and Acc of each class; NaN where a class occurs nowhere)
+        on one split of a dataset (default: the run's layout and its validation split), and the settings used:
+        split, images, short_side, window, flip."""
+        from tqdm import tqdm
+        layout = layout or self.layout
+        split = split or get_layout(layout).splits[1]
+        checked = load_data(data, layout, splits=[split], num_classes=len(self.class_names))
+        dataset = SegmentationDataset(checked.samples[split], self.transform, checked.ignore_index,
+                                      checked.reduce_zero_label, joint=False)
+        loader = DataLoader(dataset, batch_size=1, num_workers=workers, collate_fn=collate)
+        with tqdm(total=len(dataset), desc=f'evaluating {split}', unit='img', disable=not progress) as bar, \
+                worker_errors_unwrapped():
+            confusion = confusion_matrix(self.model, loader, self.device, checked.num_classes,
+                                         checked.ignore_index, self.window, flip, progress=lambda: bar.update(1))
+        metrics = segmentation_metrics(confusion)
+        per_class = {name: dict(IoU=iou, Acc=acc)
+                     for name, iou, acc in zip(self.class_names, metrics['IoU'], metrics['Acc'])}
+        return dict(mIoU=metrics['mIoU'], mAcc=metrics['mAcc'], aAcc=metrics['aAcc'], per_class=per_class, split=split,
+                    images=len(dataset), short_side=self.short_side, window=self.window, flip=flip)

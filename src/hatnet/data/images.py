@@ -1,0 +1,121 @@
+"""The one image reader: files, PIL images and numpy arrays -> 8-bit RGB, as the image is meant to be seen.
+
+* EXIF orientation is applied (a phone photo stored sideways comes out upright), here and in
+  :func:`image_size`, so the size checks of the datasets see the same image the models do.
+* 16-bit images are scaled to 8 bits (by 1/257, so that white stays white), float images in [0, 1] by 255;
+  grayscale, palette, RGBA and CMYK images become RGB (an alpha channel is dropped, as ImageFolder does).
+* Pillow's decompression-bomb rule holds: an image of more than twice ``PIL.Image.MAX_IMAGE_PIXELS`` pixels
+  is refused (raise that limit to read larger images).
+* Every unreadable file is one error, ``cannot read image PATH: reason``: :class:`InputError` by default,
+  the datasets ask for :class:`DatasetError`.
+"""
+from pathlib import Path
+from typing import Tuple, Type, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision import tv_tensors
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from ..errors import HatNetError, InputError
+
+__all__ = ['ImageSource', 'image_size', 'read_image', 'read_image_tensor']
+
+ImageSource = Union[str, Path, Image.Image, np.ndarray]
+
+EXIF_ORIENTATION = 0x0112
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # rotated by 90 degrees: width and height swap
+# modes whose values need scaling to 8 bits (Pillow's convert('RGB') would clip them)
+WIDE_MODES = ('I', 'I;16', 'I;16L', 'I;16B', 'I;16N', 'F')
+
+
+def read_image(source: ImageSource, error: Type[HatNetError] = InputError) -> Image.Image:
+    """An RGB PIL image (8 bits per channel) from a file path, a PIL image or an (H, W) / (H, W, C) array."""
+    if isinstance(source, np.ndarray):
+        return _array_to_rgb(source, 'the array', error)
+    if isinstance(source, Image.Image):
+        return _to_rgb(ImageOps.exif_transpose(source), 'the PIL image', error)
+    if not isinstance(source, (str, Path)):
+        raise error(f'cannot read image {source!r}: expected a file path, a PIL image or a numpy array')
+    with _open(source, error) as image:
+        try:
+            image.load()
+            return _to_rgb(ImageOps.exif_transpose(image), source, error)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise error(f'cannot read image {source}: {e}') from None
+
+
+def read_image_tensor(source: ImageSource, error: Type[HatNetError] = InputError) -> torch.Tensor:
+    """:func:`read_image` as a uint8 (3, H, W) ``tv_tensors.Image``."""
+    return tv_tensors.Image(pil_to_tensor(read_image(source, error)))
+
+
+def image_size(path, error: Type[HatNetError] = InputError) -> Tuple[int, int]:
+    """(width, height) of an image file as :func:`read_image` returns it, from the file's header."""
+    with _open(path, error) as image:
+        width, height = image.size
+        if image.getexif().get(EXIF_ORIENTATION) in TRANSPOSING_ORIENTATIONS:
+            return height, width
+        return width, height
+
+
+def _open(path, error: Type[HatNetError]) -> Image.Image:
+    try:
+        return Image.open(path)
+    except UnidentifiedImageError:
+        raise error(f'cannot read image {path}: not an image, or a format Pillow cannot decode') from None
+    except Image.DecompressionBombError as e:
+        raise error(f'cannot read image {path}: {e}') from None
+    except OSError as e:
+        raise error(f'cannot read image {path}: {e.strerror or e}') from None
+
+
+def _to_rgb(image: Image.Image, name, error: Type[HatNetError]) -> Image.Image:
+    if image.mode == 'RGB':
+        return image
+    if image.mode in WIDE_MODES:
+        return _array_to_rgb(np.asarray(image), name, error)
+    if image.mode == 'P' and 'transparency' in image.info:
+        image = image.convert('RGBA')  # Pillow's advice for palette transparency; the alpha is dropped next
+    try:
+        return image.convert('RGB')
+    except ValueError as e:
+        raise error(f'cannot read image {name}: {image.mode} images cannot be converted to RGB ({e})') from None
+
+
+def _array_to_rgb(array: np.ndarray, name, error: Type[HatNetError]) -> Image.Image:
+    """An (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array of 8-bit, 16-bit or [0, 1] float values -> RGB."""
+    if array.ndim == 3 and array.shape[-1] in (1, 3, 4):
+        channels = array.shape[-1]
+    elif array.ndim == 2:
+        channels = 1
+    else:
+        raise error(f'cannot read image {name}: expected an (H, W) or (H, W, 3) array, got shape {array.shape}')
+    pixels = _to_uint8(array, name, error)
+    if channels == 1:
+        return Image.fromarray(pixels.reshape(pixels.shape[:2])).convert('RGB')
+    return Image.fromarray(pixels, 'RGBA' if channels == 4 else 'RGB').convert('RGB')
+
+
+def _to_uint8(array: np.ndarray, name, error: Type[HatNetError]) -> np.ndarray:
+    kind = array.dtype.kind
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    if kind == 'b':
+        return array.astype(np.uint8) * 255
+    if kind == 'f':
+        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            raise error(f'cannot read image {name}: float images must hold values in [0, 1], this one has '
+                        f'{array.min():.4g} .. {array.max():.4g}')
+        return np.round(array.astype(np.float64) * 255).astype(np.uint8)
+    if kind in 'iu':
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 65535:
+            raise error(f'cannot read image {name}: integer values must lie in 0 .. 65535 (16 bits), this image '
+                        f'has {low} .. {high}')
+        if array.dtype.itemsize == 1 or (high <= 255 and array.dtype != np.uint16):
+            return array.astype(np.uint8)  # wider integer arrays of 8-bit values
+        # 16 bits -> 8 bits: 65535 / 257 = 255, rounded to the nearest value
+        return ((array.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    raise error(f'cannot read image {name}: unsupported pixel type {array.dtype}')

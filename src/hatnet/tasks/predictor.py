@@ -1,0 +1,105 @@
+"""What the predictors of all tasks share: their interface, image inputs, and reading a run back.
+
+A predictor is what ``Task.load(run)`` (or ``hatnet.load(run)``) returns: a trained model in eval mode on its
+device, with the run's class names, and two methods of the same shape for every task::
+
+    predictor.predict(images, **options)   # -> a list of typed results, one per image
+    predictor.evaluate(data, **options)    # -> a dict of metrics (what ``hatnet ... eval --json`` prints)
+
+``images`` is one image or a list of them: file paths (str or Path), PIL images, numpy arrays (H, W, 3) of
+uint8 or (H, W) grayscale; all are read (:func:`hatnet.data.images.read_image`) before any is predicted,
+so one unreadable file fails the call before any work is done.
+"""
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from ..data.images import ImageSource, read_image
+from ..engine.checkpoint import RunCheckpoint, load_run_checkpoint
+from ..engine.distributed import resolve_device
+from ..errors import CheckpointError, InputError
+from ..models.runtime import optimize_for_cpu
+
+__all__ = ['ImageSource', 'Images', 'Prediction', 'Predictor', 'read_inputs', 'read_run', 'unique_stems']
+
+Images = Union[ImageSource, Sequence[ImageSource]]
+
+
+@dataclass
+class Prediction:
+    """What every typed result has: ``image``, the file it came from (None for an image given in memory), and
+    the RGB input itself (``picture``, kept for results that draw on it)."""
+    image: Optional[str]
+    picture: Optional[Image.Image] = field(default=None, repr=False, compare=False, kw_only=True)
+
+    def input_picture(self) -> Image.Image:
+        """The RGB input, for drawing on."""
+        if self.picture is None:
+            raise InputError(f'{type(self).__name__} of {self.image or "an image"} was made without its input '
+                             f'image; drawing on it needs one')
+        return self.picture
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The result as JSON-serialisable values (what the CLI's ``--json`` prints)."""
+        raise NotImplementedError
+
+
+class Predictor(ABC):
+    """A trained model of one task, ready for inference: ``predict(images)`` and ``evaluate(data)``."""
+
+    #: the task's name ('classification', 'segmentation', 'detection')
+    task: str = ''
+
+    def __init__(self, model: nn.Module, class_names: Sequence[str], device: Union[str, torch.device] = 'auto'):
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.model = model.to(self.device).eval()
+        if self.device.type == 'cpu':
+            optimize_for_cpu(self.model)  # HAT-Net's batch-sliced MLPs: the same outputs, faster on CPU
+        self.class_names = list(class_names)
+
+    @abstractmethod
+    def predict(self, images: Images, **options) -> List[Prediction]:
+        """One typed result per image (a dataclass with ``to_dict()``)."""
+
+    @abstractmethod
+    def evaluate(self, data, **options) -> Dict[str, Any]:
+        """The metrics of the model on a dataset (a folder, or a name such as 'digits')."""
+
+    def __repr__(self) -> str:
+        return (f'{type(self).__name__}({type(self.model).__name__}, {len(self.class_names)} classes, '
+                f'device={self.device})')
+
+
+def read_inputs(images: Images) -> List[Tuple[Optional[str], Image.Image]]:
+    """(source, RGB image) for each input: the source is the file path, None for an image given in memory."""
+    if isinstance(images, (str, Path, Image.Image, np.ndarray)):
+        images = [images]
+    return [(str(image) if isinstance(image, (str, Path)) else None, read_image(image)) for image in images]
+
+
+def read_run(run_or_checkpoint, task: str, bare_weights: bool = False) -> RunCheckpoint:
+    """The checkpoint of a ``task`` run: a run directory (its best checkpoint), a checkpoint file or an already
+    read :class:`RunCheckpoint`. ``bare_weights``: also accept a weights file that is not a run's."""
+    run = run_or_checkpoint if isinstance(run_or_checkpoint, RunCheckpoint) else \
+        load_run_checkpoint(run_or_checkpoint, task=task)
+    if run.task and run.task != task:
+        raise CheckpointError(f'{run.path} is a {run.task} checkpoint, not a {task} one')
+    if not run.task and not bare_weights:
+        raise CheckpointError(f'{run.path} holds bare weights, not a {task} run; give the run directory of a '
+                              f'{task} training run or one of its checkpoints')
+    return run
+
+
+def unique_stems(paths: Sequence[Union[str, Path]]) -> List[str]:
+    """The file stems of ``paths``, for outputs named after their inputs; two equal stems are an InputError."""
+    stems = [Path(p).stem for p in paths]
+    duplicate = next((s for s in stems if stems.count(s) > 1), None)
+    if duplicate is not None:
+        raise InputError(f'two input images have the stem {duplicate!r}; their outputs would overwrite each other')
+    return stems
