@@ -135,3 +135,12 @@ def test_a_missing_extra_is_one_line_naming_it():
     result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "error: this command needs pycocotools, which is not installed: pip install 'hatnet[det]'"]
+
+
+def test_loading_a_task_without_its_extra_names_the_extra():
+    code = ("import sys; sys.modules['pycocotools'] = None\n"
+            "from hatnet.tasks import get_task\n"
+            "try:\n    get_task('detection')\nexcept Exception as e:\n    print(type(e).__name__, e)")
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == \
+        "HatNetError the detection task needs pycocotools, which is not installed: pip install 'hatnet[det]'"

@@ -1,9 +1,5 @@
-"""The typer applications every command module registers on, and the check for optional dependencies."""
-import importlib.util
-
+"""The typer applications every command module registers on."""
 import typer
-
-from ..errors import HatNetError
 
 app = typer.Typer(
     name='hatnet', no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -17,8 +13,3 @@ app.add_typer(cls_app, name='cls')
 app.add_typer(seg_app, name='seg')
 app.add_typer(det_app, name='det')
 
-
-def require(module: str, extra: str) -> None:
-    """One error naming the extra to install when a command needs an optional package that is missing."""
-    if importlib.util.find_spec(module) is None:
-        raise HatNetError(f"this command needs {module}, which is not installed: pip install 'hatnet[{extra}]'")

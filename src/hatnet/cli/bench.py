@@ -6,7 +6,8 @@ import typer
 from rich.console import Console
 
 from ..errors import HatNetError
-from .app import app, require
+from ..extras import require
+from .app import app
 from .options import comma_list
 
 
@@ -45,8 +46,7 @@ def bench(
         out: Path = typer.Option(Path('bench-results'), help='Folder for bench.csv, throughput.png and memory.png.'),
 ):
     """Throughput, batch-1 latency, peak memory and GMACs of HAT-Net and timm peers, measured side by side."""
-    for package in ('fvcore', 'matplotlib') + (('onnxruntime', 'onnx') if 'onnxruntime' in runtime else ()):
-        require(package, 'bench')
+    require('fvcore', 'matplotlib', *(('onnxruntime', 'onnx') if 'onnxruntime' in runtime else ()))
     import torch
 
     from ..bench import (DEFAULT_MODELS, DTYPES, RUNTIMES, BenchConfig, RunSettings, describe_machine,

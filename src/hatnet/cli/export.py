@@ -5,7 +5,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .app import app, require
+from ..extras import require
+from .app import app
 from .options import comma_list
 
 
@@ -20,8 +21,7 @@ def export(
         check_size: str = typer.Option('224,250x333', help='Sizes at which onnxruntime is compared with PyTorch.'),
 ):
     """Export a model to ONNX with dynamic batch, height and width, and check it against PyTorch."""
-    require('onnx', 'export')
-    require('onnxruntime', 'export')
+    require('onnx', 'onnxruntime')
     import torch
 
     from ..bench import parse_resolution

@@ -6,7 +6,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .app import app, require
+from ..extras import require
+from .app import app
 
 EQUIVALENCE_TOLERANCE = 1e-4
 
@@ -16,7 +17,7 @@ def info(
         check: bool = typer.Option(True, help='Run the bundled equivalence self-check against the original code.'),
 ):
     """Table of the HAT-Net variants (parameters, GMACs at 224, published top-1) and an equivalence self-check."""
-    require('fvcore', 'bench')  # counts the MACs
+    require('fvcore')  # counts the MACs
     import timm
 
     from ..complexity import count_macs

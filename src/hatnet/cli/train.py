@@ -15,7 +15,8 @@ from rich.console import Console
 
 from ..engine.config import TrainConfig
 from ..errors import HatNetError
-from .app import app, cls_app, det_app, require, seg_app
+from ..extras import EXTRA_OF, import_optional, require
+from .app import app, cls_app, det_app, seg_app
 from .options import field_options, settings_command
 
 DATA_PANEL, AUG_PANEL = 'data and model', 'augmentation'
@@ -45,19 +46,19 @@ class TrainCommand:
     config: str
     job: str
     fields: Dict[str, str]          # the task's own settings offered as options (besides SHARED_FIELDS): help
-    needs: Tuple[Tuple[str, str], ...]  # (package, extra) the task uses
+    needs: Tuple[str, ...]          # optional packages its training uses besides its module's imports
     doc: str
     recipe_help: str
 
 
-TRAIN_NEEDS = (('matplotlib', 'train'),)  # the curves every run draws
+TRAIN_NEEDS = ('matplotlib',)  # the curves every run draws
 CLASSIFICATION = TrainCommand(
     task='cls', module='hatnet.tasks.classification', config='ClassificationConfig', job='ClassificationTask',
     fields=dict(data="ImageFolder root with train/ and val/, or 'digits' (embedded, no download).",
                 img_size="(default: the model's, 32 for the digits)",
                 aa='RandAugment policy, e.g. rand-m9-mstd0.5-inc1.', reprob='RandomErasing probability.',
                 mixup='Mixup alpha (0: off).', cutmix='CutMix alpha (0: off).', smoothing='Label smoothing.'),
-    needs=TRAIN_NEEDS + (('sklearn', 'train'),),
+    needs=TRAIN_NEEDS + ('sklearn',),
     doc='Train a classifier (the one trainer: resumable, distributed with torchrun, see docs/training.md).',
     recipe_help="'paper' (ImageNet, the paper's), 'digits' (the default for the digits), another bundled recipe "
                 "or a YAML file; options given here override it.")
@@ -68,7 +69,7 @@ SEGMENTATION = TrainCommand(
                        'masks/{train,val} with class-index PNGs and an optional classes.yaml.',
                 crop_size='Training crop side.', short_side='Test scale; training scales are short_side x 0.5..2.',
                 norm='Scale-head norm: gn | bn.'),
-    needs=TRAIN_NEEDS + (('torchmetrics', 'train'),),
+    needs=TRAIN_NEEDS + ('torchmetrics',),
     doc="Train Semantic FPN: the paper's ADE20K recipe unless --recipe says otherwise; options override it.\n\n"
         'The one trainer: resumable, distributed with torchrun (--batch-size is per process), see docs/training.md.',
     recipe_help="'paper' (ade20k_semantic_fpn, the default), another bundled recipe or a YAML file; options given "
@@ -80,7 +81,7 @@ DETECTION = TrainCommand(
                 min_size='Shorter image side (inference; training unless --multi-scale).',
                 max_size='Cap on the longer image side.',
                 multi_scale='Training: shorter sides to draw from, e.g. 640,672,704,736,768,800.'),
-    needs=TRAIN_NEEDS + (('pycocotools', 'det'), ('faster_coco_eval', 'det')),
+    needs=TRAIN_NEEDS,
     doc="Train RetinaNet or Mask R-CNN with a HAT-Net backbone (PVT's 1x COCO recipe by default).",
     recipe_help="'paper' (coco_ARCH_1x, the default), another bundled recipe or a YAML file; options given here "
                 "override it.")
@@ -112,11 +113,10 @@ def default_run_dir(task: str, config: Any) -> Path:
 
 def run_training(spec: TrainCommand, options: Dict[str, Any], recipe: Optional[str]) -> None:
     """What every ``train`` command does with the options it was given."""
-    for package, extra in spec.needs:
-        require(package, extra)
+    require(*spec.needs)
     from ..engine import resolve_config, train
 
-    module = importlib.import_module(spec.module)
+    module = import_optional(spec.module, 'this command')
     recipe, aliases = recipe_for(spec.task, recipe, options)
     train_cfg, task_cfg = resolve_config(getattr(module, spec.config), options, recipe, aliases)
     if not task_cfg.data:
@@ -139,7 +139,7 @@ def train_command(spec: TrainCommand, *apps) -> Callable:
     try:
         config = getattr(importlib.import_module(spec.module), spec.config)
     except ModuleNotFoundError as e:
-        if (e.name or '').split('.')[0] not in {package for package, _ in spec.needs}:
+        if (e.name or '').split('.')[0] not in EXTRA_OF:
             raise
         config = None  # the command then only names the extra to install
     parameters = []

@@ -3,10 +3,10 @@
 ``TASKS`` names each task's class by module and class name; :func:`get_task` imports it on first use, so that
 ``import hatnet`` stays light.
 """
-from importlib import import_module
 from typing import Type
 
 from ..errors import CheckpointError
+from ..extras import import_optional
 
 __all__ = ['TASKS', 'get_task']
 
@@ -22,4 +22,4 @@ def get_task(name: str) -> Type:
     if name not in TASKS:
         raise CheckpointError(f'unknown task {name!r}: hatnet knows {", ".join(TASKS)}')
     module, cls = TASKS[name].split(':')
-    return getattr(import_module(module), cls)
+    return getattr(import_optional(module, f'the {name} task'), cls)
