@@ -7,7 +7,8 @@ import torch
 from typer.testing import CliRunner
 
 from hatnet.cli import app
-from hatnet.export import OnnxRunner, export_onnx, load_model
+from hatnet.export import OnnxRunner, export_onnx
+from hatnet.models import create
 from hatnet.export.hat_net_onnx import grid_attention_onnx
 from hatnet.errors import HatNetError
 from hatnet.models import HatNet, optimize_for_cpu
@@ -40,7 +41,7 @@ def test_export_matches_reference_fixture(exported):
 @pytest.mark.parametrize('shape', [(3, 3, 250, 333), (1, 3, 97, 65), (2, 3, 32, 40)])
 def test_export_dynamic_sizes_match_pytorch(exported, shape):
     _, checkpoint, onnx, _ = exported
-    model = load_model('hat_net_tiny', checkpoint)
+    model = create('hat_net_tiny', checkpoint).eval()
     images = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         expected = model(images)
@@ -66,7 +67,7 @@ def test_export_runs_each_mlp_as_a_loop_over_image_slices(exported):
     import onnx
 
     _, checkpoint, path, _ = exported
-    model = load_model('hat_net_tiny', checkpoint)
+    model = create('hat_net_tiny', checkpoint).eval()
     graph = onnx.load(path).graph
     loops = [node for node in graph.node if node.op_type == 'Loop']
     assert len(loops) == sum(len(stage.blocks) for stage in model.stages)
@@ -126,7 +127,7 @@ def test_export_leaves_the_model_untouched(tmp_path):
 
 
 def test_export_rejects_old_opset(tmp_path):
-    model = load_model('hat_net_tiny')
+    model = create('hat_net_tiny').eval()
     with pytest.raises(HatNetError, match='opset 16'):
         export_onnx(model, tmp_path / 'x.onnx', opset=16)
     assert not (tmp_path / 'x.onnx').exists()

@@ -92,9 +92,7 @@ def batch_for(config: BenchConfig, height: int, width: int) -> int:
 
 def build_model(spec: str, img_size: Optional[Tuple[int, int]] = None) -> torch.nn.Module:
     """A timm model in eval mode from a benchmark name: a timm name, or a hat_net name + '-global'."""
-    import timm
-
-    from .. import models  # noqa: F401  (registers hat_net_*)
+    from ..models.factory import create
 
     name, kwargs = spec, {}
     if spec.endswith(GLOBAL_SUFFIX):
@@ -102,11 +100,9 @@ def build_model(spec: str, img_size: Optional[Tuple[int, int]] = None) -> torch.
         if not name.startswith('hat_net'):
             raise HatNetError(f'{spec}: the {GLOBAL_SUFFIX} ablation exists for hat_net models only')
         kwargs['grid_sizes'] = (1, 1, 1, 1)  # grid size 1 = plain multi-head self-attention over the whole map
-    if not timm.is_model(name):
-        raise HatNetError(f'unknown model {name!r}')
     if img_size is not None:
         kwargs['img_size'] = img_size
-    return timm.create_model(name, **kwargs).eval()
+    return create(name, **kwargs).eval()
 
 
 def _is_fixed_size(spec: str) -> bool:

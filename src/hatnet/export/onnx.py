@@ -16,26 +16,11 @@ from typing import Optional, Sequence
 import torch
 
 from ..fileio import atomic_write
-from ..errors import CheckpointError, HatNetError
+from ..errors import HatNetError
 from .hat_net_onnx import onnx_forms
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
-
-
-def load_model(name: str, checkpoint: Optional[os.PathLike] = None, **kwargs) -> torch.nn.Module:
-    """timm.create_model in eval mode; ``checkpoint``: an original HAT-Net .pth or a hatnet .safetensors/.pth."""
-    import timm
-
-    from .. import models  # noqa: F401  (registers hat_net_* in timm)
-
-    if not timm.is_model(name):
-        raise HatNetError(f'unknown model {name!r} (hat_net_tiny, hat_net_small, ... or any timm model name)')
-    if checkpoint is not None:
-        if not Path(checkpoint).is_file():
-            raise CheckpointError(f'checkpoint file not found: {checkpoint}')
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)))
-    return timm.create_model(name, **kwargs).eval()
 
 
 def export_onnx(
