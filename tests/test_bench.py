@@ -1,5 +1,6 @@
 """hatnet bench: interleaved measurements, ratios, skip rules, outputs, and the runtimes it drives."""
 import csv
+import math
 
 import pytest
 import torch
@@ -99,6 +100,8 @@ def test_bench_cli_writes_csv_plots_and_table(tmp_path):
     (['--runtime', 'tensorrt'], 'unknown runtime'),
     (['--baseline', 'resnet50'], 'baseline'),
     (['--dtype', 'fp16'], '--dtype'),
+    (['--mode', 'eval'], '--mode'),
+    (['--compare', 'hat_net_tiny/resnet50'], 'bad pair'),
     (['--resolutions', '20'], 'bad resolution'),
 ])
 def test_bench_cli_bad_options_are_one_line(tmp_path, args, message, capsys):
@@ -107,3 +110,72 @@ def test_bench_cli_bad_options_are_one_line(tmp_path, args, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and 'Traceback' not in err
+
+
+def test_train_mode_runs_whole_training_steps():
+    model = build_model('hat_net_tiny')
+    before = [p.detach().clone() for p in model.parameters()]
+    step = make_runner(model, 'eager', RunSettings(torch.device('cpu'), mode='train', channels_last=True))
+    loss = step(torch.randn(2, 3, 64, 64))
+    assert model.training and loss.dim() == 0 and torch.isfinite(loss)
+    # backward reached every weight, and the optimizer stepped every weight with a gradient
+    assert all(p.grad is not None for p in model.parameters())
+    moved = [not torch.equal(a, p) for a, p in zip(before, model.parameters()) if p.grad.count_nonzero()]
+    assert len(moved) > 100 and all(moved)
+    with pytest.raises(HatNetError, match='inference only'):
+        make_runner(build_model('hat_net_tiny'), 'onnxruntime', RunSettings(torch.device('cpu'), mode='train'))
+
+
+def test_feature_backbones_train_on_every_stage():
+    model = build_model('resnet18', features=True)
+    step = make_runner(model, 'eager', RunSettings(torch.device('cpu'), mode='train'))
+    step(torch.randn(2, 3, 64, 64))
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    with torch.inference_mode():
+        features = make_runner(build_model('hat_net_tiny', features=True), 'eager', CPU)(torch.randn(1, 3, 64, 64))
+    assert [f.shape[-1] for f in features] == [16, 8, 4, 2]
+
+
+def test_channels_last_is_applied_to_every_model():
+    model = build_model('resnet18')
+    run = make_runner(model, 'eager', RunSettings(torch.device('cpu'), channels_last=True))
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not model.conv1.weight.is_contiguous()
+    assert run(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_run_bench_every_dtype_and_mode_with_ratios_per_setting():
+    config = BenchConfig(models=['hat_net_tiny', 'resnet18'], resolutions=[(64, 64)], runtimes=['eager'],
+                         settings=CPU, dtypes=['fp32', 'bf16'], modes=['infer', 'train'], batch_size=2, rounds=1,
+                         baseline='resnet18')
+    rows = run_bench(config)
+    assert [r.label for r in rows] == [
+        'hat_net_tiny', 'resnet18', 'hat_net_tiny (bf16)', 'resnet18 (bf16)',
+        'hat_net_tiny (train)', 'resnet18 (train)', 'hat_net_tiny (bf16, train)', 'resnet18 (bf16, train)']
+    assert all(r.status == 'ok' and r.img_per_s > 0 for r in rows)
+    for hat, peer in zip(rows[::2], rows[1::2]):  # each ratio refers to the baseline in the same setting
+        assert peer.ratio == 1.0 and hat.ratio == pytest.approx(hat.img_per_s / peer.img_per_s)
+    assert all(math.isnan(r.latency_ms) and math.isnan(r.max_abs_diff) for r in rows[4:])  # train: no latency
+    assert rows[2].max_abs_diff > 0 and math.isnan(rows[0].max_abs_diff)
+
+
+def test_onnxruntime_rows_only_for_fp32_inference(tmp_path):
+    from hatnet.bench.runner import _candidates
+    config = BenchConfig(models=['hat_net_tiny'], runtimes=['eager', 'onnxruntime'], settings=CPU,
+                         dtypes=['fp32', 'bf16'], modes=['infer', 'train'])
+    assert [c.label for c in _candidates(config, tmp_path)] == [
+        'hat_net_tiny', 'hat_net_tiny (onnxruntime)', 'hat_net_tiny (bf16)', 'hat_net_tiny (train)',
+        'hat_net_tiny (bf16, train)']
+
+
+def test_bench_cli_train_mode_and_compare_table(tmp_path):
+    result = CliRunner().invoke(app, [
+        'bench', '--models', 'hat_net_tiny,resnet18', '--resolutions', '64', '--batch-size', '1', '--rounds', '1',
+        '--mode', 'infer,train', '--compare', 'hat_net_tiny/resnet18', '--threads', '1', '--out', str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / 'bench.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert [(r['model'], r['mode']) for r in rows] == [
+        ('hat_net_tiny', 'infer'), ('resnet18', 'infer'), ('hat_net_tiny', 'train'), ('resnet18', 'train')]
+    assert {r['channels_last'] for r in rows} == {'True'}  # the default: every model channels_last
+    assert 'hat_net_tiny / resnet18' in result.output and 'eager, fp32, train' in result.output

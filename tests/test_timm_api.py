@@ -77,16 +77,18 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_unused_proj_norm_gets_zero_gradient_and_never_changes_outputs():
     """The original's proj_norm is never applied; it still takes part in training graphs (see hat_net.py)."""
-    model = timm.create_model('hat_net_tiny', num_classes=4)
+    model = timm.create_model('hat_net_tiny', num_classes=4, drop_rate=0.)
     x = torch.randn(1, 3, 64, 64)
     model.train()
-    model(x).sum().backward()
+    train_out = model(x)
+    train_out.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
     proj_norm = model.stages[0].blocks[0].attn.proj_norm
     assert torch.count_nonzero(proj_norm.weight.grad) == 0
     model.eval()
     with torch.inference_mode():
         before = model(x)
+        torch.testing.assert_close(train_out.detach(), before, rtol=0, atol=0)  # no dropout: same function
         proj_norm.weight.fill_(123.)
         torch.testing.assert_close(model(x), before, rtol=0, atol=0)
 

@@ -10,12 +10,13 @@ in timm's registry, so ``timm.create_model('hat_net_tiny', ...)`` works everywhe
     metrics = predictor.evaluate('/data/ADEChallengeData2016')
 """
 from . import models
-from .errors import CheckpointError, DatasetError, HatNetError, InputError
+from .errors import CheckpointError, DatasetError, HatNetError, InputError, OutputError
 from .models import MODEL_NAMES, HatNet
 
 __version__ = '0.1.0'
 
-__all__ = ['CheckpointError', 'DatasetError', 'HatNet', 'HatNetError', 'InputError', 'MODEL_NAMES', 'load', 'models']
+__all__ = ['CheckpointError', 'DatasetError', 'HatNet', 'HatNetError', 'InputError', 'MODEL_NAMES', 'OutputError',
+           'load', 'models']
 
 
 def load(run, device: str = 'auto', **options):

@@ -19,3 +19,7 @@ class InputError(HatNetError):
 
 class DatasetError(HatNetError):
     """A dataset folder or annotation file is missing, empty or inconsistent."""
+
+
+class OutputError(HatNetError):
+    """An output cannot be written: a full disk, a read-only or forbidden folder, a file that exists already."""

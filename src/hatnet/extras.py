@@ -16,6 +16,7 @@ EXTRA_OF = {
     'pycocotools': 'det', 'faster_coco_eval': 'det',
     'onnx': 'export', 'onnxruntime': 'export',
     'fvcore': 'bench',
+    'fastapi': 'serve', 'uvicorn': 'serve', 'python_multipart': 'serve',
 }
 
 

@@ -3,11 +3,12 @@ import dataclasses
 import math
 import textwrap
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 from rich.table import Table
+from rich.text import Text
 
-from ..fileio import atomic_write, write_csv_atomic
+from ..fileio import save_figure, write_csv_atomic
 from .runner import BenchRow
 
 
@@ -55,8 +56,7 @@ def plot(rows: Sequence[BenchRow], path: Path, metric: str, ylabel: str, title: 
     ax.grid(True, which='both', alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format='png'))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _fmt(value: float, spec: str) -> str:
@@ -74,8 +74,22 @@ def table(rows: Sequence[BenchRow], baseline: str, title: str) -> Table:
             t.add_section()
         previous = (row.height, row.width)
         ratio = _fmt(row.ratio, '.2f')
-        t.add_row(row.label, f'{row.height}x{row.width}', str(row.batch), _fmt(row.img_per_s, '.2f'),
-                  f'[bold]{ratio}[/]' if row.label == baseline else ratio, _fmt(row.latency_ms, '.1f'),
+        # Text cells: model names and error messages are shown as they are, never read as rich markup
+        t.add_row(Text(row.label), f'{row.height}x{row.width}', str(row.batch), _fmt(row.img_per_s, '.2f'),
+                  Text(ratio, style='bold' if row.label == baseline else ''), _fmt(row.latency_ms, '.1f'),
                   _fmt(row.peak_memory_mb, '.0f'), _fmt(row.gmacs, '.2f'), _fmt(row.params_m, '.1f'),
-                  _fmt(row.max_abs_diff, '.1e'), row.status if row.status == 'ok' else f'[yellow]{row.status}[/]')
+                  _fmt(row.max_abs_diff, '.1e'), Text(row.status, style='' if row.status == 'ok' else 'yellow'))
+    return t
+
+
+def compare_table(rows: Sequence[BenchRow], pairs: Sequence[Tuple[str, str]]) -> Table:
+    """img/s of each model over its peer's, per setting (runtime, dtype, mode) and input size."""
+    t = Table(title='img/s ratios, measured interleaved in the same rounds', title_justify='left')
+    for column in ('setting', 'input', *(f'{a} / {b}' for a, b in pairs)):
+        t.add_column(column, justify='left' if column in ('setting', 'input') else 'right')
+    speed = {(r.model, r.setting, r.height, r.width): r.img_per_s for r in rows if r.status == 'ok'}
+    for setting, height, width in dict.fromkeys((r.setting, r.height, r.width) for r in rows):
+        ratios = [speed.get((a, setting, height, width), math.nan) / speed.get((b, setting, height, width), math.nan)
+                  for a, b in pairs]
+        t.add_row(Text(', '.join(setting)), f'{height}x{width}', *(_fmt(ratio, '.2f') for ratio in ratios))
     return t

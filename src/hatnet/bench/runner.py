@@ -4,6 +4,7 @@ Interleaving (round r times model A, then B, then C, then round r + 1 ...) expos
 machine conditions, so their ratios stay meaningful on a busy or thermally throttled machine even when the
 absolute numbers move.
 """
+import dataclasses
 import math
 import shutil
 import statistics
@@ -32,13 +33,19 @@ class BenchConfig:
     resolutions: Sequence[Tuple[int, int]] = DEFAULT_RESOLUTIONS
     runtimes: Sequence[str] = ('eager',)
     settings: RunSettings = field(default_factory=lambda: RunSettings(torch.device('cpu')))
+    # every model runs in each dtype x mode (default: settings.dtype, settings.mode); onnxruntime: fp32 inference
+    dtypes: Sequence[str] = ()
+    modes: Sequence[str] = ()
+    features: bool = False  # time the backbones as dense-task feature extractors (features_only, strides 4-32)
     batch_size: int = 16
     scale_batch: bool = True  # keep batch x pixels constant: batch_size at 224 x 224, fewer images when larger
     rounds: int = 5
     warmup: int = 1
     latency: bool = True
     max_forward_seconds: float = 60.  # a model slower than this per batch is not run at larger sizes
-    baseline: Optional[str] = None  # label of the row the ratios refer to; the first model by default
+    # the model the ratios refer to, in the same runtime, dtype and mode (or one row's full label, e.g.
+    # "pvt_v2_b1 (onnxruntime)", for ratios across settings); the first model by default
+    baseline: Optional[str] = None
 
 
 @dataclass
@@ -48,6 +55,8 @@ class BenchRow:
     height: int
     width: int
     batch: int
+    dtype: str = 'fp32'
+    mode: str = 'infer'
     status: str = 'ok'
     img_per_s: float = math.nan
     latency_ms: float = math.nan
@@ -59,15 +68,22 @@ class BenchRow:
 
     @property
     def label(self) -> str:
-        return row_label(self.model, self.runtime)
+        return row_label(self.model, self.runtime, self.dtype, self.mode)
+
+    @property
+    def setting(self) -> Tuple[str, str, str]:
+        return self.runtime, self.dtype, self.mode
 
     @property
     def pixels(self) -> int:
         return self.height * self.width
 
 
-def row_label(model: str, runtime: str) -> str:
-    return model if runtime == 'eager' else f'{model} ({runtime})'
+def row_label(model: str, runtime: str, dtype: str = 'fp32', mode: str = 'infer') -> str:
+    """'hat_net_tiny', 'hat_net_tiny (onnxruntime)', 'hat_net_tiny (bf16, train)': what differs from eager fp32
+    inference."""
+    tags = [tag for tag, default in ((runtime, 'eager'), (dtype, 'fp32'), (mode, 'infer')) if tag != default]
+    return f'{model} ({", ".join(tags)})' if tags else model
 
 
 def parse_resolution(text: str) -> Tuple[int, int]:
@@ -84,31 +100,53 @@ def parse_resolution(text: str) -> Tuple[int, int]:
     return size
 
 
+def parse_pair(text: str, models: Sequence[str]) -> Tuple[str, str]:
+    """'hat_net_tiny/pvt_v2_b1' -> ('hat_net_tiny', 'pvt_v2_b1'), both among the benchmarked ``models``."""
+    pair = tuple(part.strip() for part in text.split('/'))
+    if len(pair) != 2 or not all(part in models for part in pair):
+        raise HatNetError(f'bad pair {text!r}: use MODEL/PEER with two of the benchmarked models '
+                          f'({", ".join(models)})')
+    return pair
+
+
 def batch_for(config: BenchConfig, height: int, width: int) -> int:
     if not config.scale_batch:
         return config.batch_size
     return max(1, round(config.batch_size * BATCH_REFERENCE_PIXELS / (height * width)))
 
 
-def build_model(spec: str, img_size: Optional[Tuple[int, int]] = None) -> torch.nn.Module:
-    """A timm model in eval mode from a benchmark name: a timm name, or a hat_net name + '-global'."""
+def timm_name(spec: str) -> str:
+    """The timm model of a benchmark name (a timm name, or a hat_net name + '-global'); one HatNetError for a
+    name timm does not know."""
+    import timm
+
+    name = spec[:-len(GLOBAL_SUFFIX)] if spec.endswith(GLOBAL_SUFFIX) else spec
+    if name != spec and not name.startswith('hat_net'):
+        raise HatNetError(f'{spec}: the {GLOBAL_SUFFIX} ablation exists for hat_net models only')
+    if not timm.is_model(name):
+        raise HatNetError(f'unknown model {name!r}: use hat_net_tiny, hat_net_small, ... or any timm model name')
+    return name
+
+
+def build_model(spec: str, img_size: Optional[Tuple[int, int]] = None, features: bool = False) -> torch.nn.Module:
+    """A timm model in eval mode from a benchmark name: a timm name, or a hat_net name + '-global';
+    ``features``: the backbone of a dense task (``features_only``, strides 4-32)."""
     from ..models.factory import create
 
-    name, kwargs = spec, {}
-    if spec.endswith(GLOBAL_SUFFIX):
-        name = spec[:-len(GLOBAL_SUFFIX)]
-        if not name.startswith('hat_net'):
-            raise HatNetError(f'{spec}: the {GLOBAL_SUFFIX} ablation exists for hat_net models only')
+    name, kwargs = timm_name(spec), {}
+    if name != spec:
         kwargs['grid_sizes'] = (1, 1, 1, 1)  # grid size 1 = plain multi-head self-attention over the whole map
     if img_size is not None:
         kwargs['img_size'] = img_size
+    if features:
+        kwargs['features_only'] = True
     return create(name, **kwargs).eval()
 
 
 def _is_fixed_size(spec: str) -> bool:
     import timm
-    name = spec[:-len(GLOBAL_SUFFIX)] if spec.endswith(GLOBAL_SUFFIX) else spec
-    return bool(timm.get_pretrained_cfg(name).to_dict().get('fixed_input_size', False))
+    pretrained_cfg = timm.get_pretrained_cfg(timm_name(spec))
+    return bool(pretrained_cfg is not None and pretrained_cfg.to_dict().get('fixed_input_size', False))
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -116,11 +154,20 @@ def _is_out_of_memory(error: BaseException) -> bool:
         or 'failed to allocate' in str(error).lower()
 
 
-class _Candidate:
-    """One model under one runtime; builds its runner lazily (per size for fixed-size models like swin)."""
+def _max_abs_diff(output, reference) -> float:
+    """Largest difference of an output (a tensor, or a backbone's list of feature maps) to its reference."""
+    if isinstance(output, torch.Tensor):
+        output, reference = [output], [reference]
+    return max((o.float().cpu() - r.float().cpu()).abs().max().item() for o, r in zip(output, reference))
 
-    def __init__(self, spec: str, runtime: str, config: BenchConfig, workdir: Path):
-        self.spec, self.runtime, self.config, self.workdir = spec, runtime, config, workdir
+
+class _Candidate:
+    """One model under one runtime, dtype and mode; builds its runner lazily (per size for fixed-size models like
+    swin)."""
+
+    def __init__(self, spec: str, runtime: str, settings: RunSettings, config: BenchConfig, workdir: Path):
+        self.spec, self.runtime, self.settings, self.config, self.workdir = spec, runtime, settings, config, workdir
+        self.label = row_label(spec, runtime, settings.dtype, settings.mode)
         self.fixed_size = _is_fixed_size(spec)
         self.stopped: Optional[str] = None  # status for this size and every larger one
         self._model: Optional[torch.nn.Module] = None
@@ -129,25 +176,52 @@ class _Candidate:
 
     def prepare(self, size: Tuple[int, int]) -> Tuple[torch.nn.Module, Callable]:
         if self._runner is None or (self.fixed_size and size != self._size):
-            self._model = build_model(self.spec, size if self.fixed_size else None)
-            self._runner = make_runner(self._model, self.runtime, self.config.settings, self.workdir)
+            self._model = build_model(self.spec, size if self.fixed_size else None, self.config.features)
+            self._runner = make_runner(self._model, self.runtime, self.settings, self.workdir)
             self._size = size
         return self._model, self._runner
 
 
+def _candidates(config: BenchConfig, workdir: Path) -> List[_Candidate]:
+    """Every model under every runtime x dtype x mode it supports, models innermost (so a table lists the
+    models of one setting together); onnxruntime runs fp32 inference only."""
+    settings = config.settings
+    candidates = []
+    for mode in config.modes or (settings.mode,):
+        for dtype in config.dtypes or (settings.dtype,):
+            for runtime in config.runtimes:
+                if runtime == 'onnxruntime' and (dtype != 'fp32' or mode != 'infer'):
+                    continue
+                run_settings = dataclasses.replace(settings, dtype=dtype, mode=mode)
+                candidates += [_Candidate(spec, runtime, run_settings, config, workdir) for spec in config.models]
+    return candidates
+
+
+def _baseline_of(row: BenchRow, rows: Sequence[BenchRow], baseline: str) -> Optional[BenchRow]:
+    """The row ``row``'s ratio refers to: ``baseline`` as a full label, else that model in the same setting."""
+    same_size = [other for other in rows if (other.height, other.width) == (row.height, row.width)]
+    for other in same_size:
+        if other.model == baseline and other.setting == row.setting:
+            return other
+    return next((other for other in same_size if other.label == baseline), None)
+
+
 def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda message: None) -> List[BenchRow]:
-    """Measure every model x runtime at every resolution (smallest first); return one row each."""
+    """Measure every model x runtime x dtype x mode at every resolution (smallest first); return one row each."""
     from ..complexity import count_macs
 
+    for spec in config.models:  # every name, before anything is measured
+        timm_name(spec)
     settings = config.settings
     if settings.threads:
         torch.set_num_threads(settings.threads)
     workdir = Path(tempfile.mkdtemp(prefix='hatnet-bench-'))
-    candidates = [_Candidate(spec, runtime, config, workdir) for spec in config.models for runtime in config.runtimes]
-    baseline = config.baseline or row_label(config.models[0], config.runtimes[0])
-    if baseline not in {row_label(c.spec, c.runtime) for c in candidates}:
+    candidates = _candidates(config, workdir)
+    baseline = config.baseline or config.models[0]
+    if baseline not in set(config.models) | {c.label for c in candidates}:
+        shutil.rmtree(workdir, ignore_errors=True)
         raise HatNetError(f'baseline {baseline!r} is not one of the benchmarked models '
-                          f'(runtimes other than eager are named like "hat_net_tiny (onnxruntime)")')
+                          f'(or a row label such as "hat_net_tiny (onnxruntime)")')
     macs_cache: Dict[Tuple[str, Tuple[int, int]], float] = {}
     rows: List[BenchRow] = []
     generator = torch.Generator().manual_seed(0)
@@ -159,7 +233,8 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda mess
             single = images[:1].clone()
             measured = []
             for cand in candidates:
-                row = BenchRow(cand.spec, cand.runtime, *size, batch)
+                mode = cand.settings.mode
+                row = BenchRow(cand.spec, cand.runtime, *size, batch, cand.settings.dtype, mode)
                 rows.append(row)
                 if cand.stopped:
                     row.status = cand.stopped
@@ -178,11 +253,12 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda mess
                         continue
                     if cand.runtime == 'compile':
                         row.peak_memory_mb = peak_memory_mb(lambda: run(images), settings.device)
-                    output = run(single)  # also the warm-up of batch-1 calls
-                    if cand.runtime != 'eager' or settings.dtype != 'fp32' or settings.channels_last:
-                        with torch.inference_mode():
-                            reference = model.float()(single.float().contiguous())
-                        row.max_abs_diff = (output.float().cpu() - reference.cpu()).abs().max().item()
+                    if mode == 'infer':
+                        output = run(single)  # also the warm-up of batch-1 calls
+                        if cand.runtime != 'eager' or cand.settings.dtype != 'fp32' or settings.channels_last:
+                            with torch.inference_mode():
+                                reference = model.float()(single.float().contiguous())
+                            row.max_abs_diff = _max_abs_diff(output, reference)
                     row.params_m = sum(p.numel() for p in model.parameters()) / 1e6
                 except (RuntimeError, MemoryError, HatNetError) as e:
                     if _is_out_of_memory(e):
@@ -205,7 +281,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda mess
                 progress(f'{size[0]}x{size[1]}: round {r + 1}/{config.rounds}')
                 for cand, run, row, batch_times, single_times in measured:
                     batch_times.append(timed(lambda: run(images), settings.device))
-                    if config.latency:
+                    if config.latency and cand.settings.mode == 'infer':
                         single_times.append(timed(lambda: run(single), settings.device))
             for cand, run, row, batch_times, single_times in measured:
                 row.img_per_s = batch / statistics.median(batch_times)
@@ -215,7 +291,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda mess
     finally:
         shutil.rmtree(workdir, ignore_errors=True)  # exported ONNX files
 
-    base = {(r.height, r.width): r.img_per_s for r in rows if r.label == baseline}
     for r in rows:
-        r.ratio = r.img_per_s / base[(r.height, r.width)]
+        base = _baseline_of(r, rows, baseline)
+        r.ratio = r.img_per_s / base.img_per_s if base is not None else math.nan
     return rows

@@ -1,5 +1,6 @@
-"""The typer applications every command module registers on."""
+"""The typer applications every command module registers on, and the console their output is printed on."""
 import typer
+from rich.console import Console
 
 app = typer.Typer(
     name='hatnet', no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -13,3 +14,8 @@ app.add_typer(cls_app, name='cls')
 app.add_typer(seg_app, name='seg')
 app.add_typer(det_app, name='det')
 
+
+def console(**kwargs) -> Console:
+    """The console of a command's output. Its text holds paths, class names and model names as the user gave
+    them: no rich markup is read from it (``[...]`` prints as it is); styles are given as ``rich.text.Text``."""
+    return Console(markup=False, **kwargs)

@@ -7,10 +7,14 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from ..engine.run_dir import check_outputs
 from ..errors import HatNetError
 from ..fileio import write_csv_atomic
-from .app import app
+from .app import app, console as output_console
+
+EVAL_REPORT = ('confusion_matrix.png', 'per_class.csv')  # what the eval command and the demo write
 
 
 def _evaluation_report(result, out_dir: Path, title: str):
@@ -20,15 +24,15 @@ def _evaluation_report(result, out_dir: Path, title: str):
 
     from ..tasks.classification import per_class_accuracy, plot_confusion_matrix
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    confusion_png, per_class_csv = (out_dir / name for name in EVAL_REPORT)
     confusion, names = torch.tensor(result['confusion'], dtype=torch.float64), result['class_names']
-    plot_confusion_matrix(confusion, names, out_dir / 'confusion_matrix.png', title)
+    plot_confusion_matrix(confusion, names, confusion_png, title)
     counts = confusion.sum(1).long().tolist()
     rows = [(name, n, None if n == 0 else float(a)) for name, n, a in zip(names, counts, per_class_accuracy(confusion))]
-    write_csv_atomic(out_dir / 'per_class.csv', ['class', 'images', 'accuracy'],
+    write_csv_atomic(per_class_csv, ['class', 'images', 'accuracy'],
                      [[name, n, '' if a is None else f'{a:.6f}'] for name, n, a in rows])
     report = {k: v for k, v in result.items() if k not in ('class_names', 'confusion')}
-    report.update(confusion_matrix=str(out_dir / 'confusion_matrix.png'), per_class_csv=str(out_dir / 'per_class.csv'))
+    report.update(confusion_matrix=str(confusion_png), per_class_csv=str(per_class_csv))
     return report, rows
 
 
@@ -57,11 +61,12 @@ def evaluate(
         split: str = typer.Option('val', help='Split folder to evaluate.'),
         model: Optional[str] = typer.Option(None, help='Model name, for weights files of non-HAT-Net models.'),
         img_size: Optional[int] = typer.Option(None, help="(default: the checkpoint's)"),
-        batch_size: int = typer.Option(64),
-        workers: int = typer.Option(2),
+        batch_size: int = typer.Option(64, min=1),
+        workers: int = typer.Option(2, min=0),
         out: Optional[Path] = typer.Option(None, help='Folder for confusion_matrix.png and per_class.csv '
                                                       '(default: RUN/eval-DATA-SPLIT for a run directory, '
                                                       'else ./eval).'),
+        overwrite: bool = typer.Option(False, help='Replace the report files in --out if they exist.'),
         json_output: bool = typer.Option(False, '--json', help='Print one JSON object (top1, top5 as fractions).'),
         device: str = typer.Option('auto', help='auto | cpu | cuda.'),
 ):
@@ -72,14 +77,17 @@ def evaluate(
     data = data or predictor.trained_data
     if not data:
         raise HatNetError(f'give --data: {checkpoint} does not say which data it was trained on')
+    run_report = checkpoint / f'eval-{Path(data).name}-{split}' if checkpoint.is_dir() else None
+    out = out or run_report or Path('eval')
+    if out != run_report:  # the run's own report is refreshed; files anywhere else are the user's
+        check_outputs([out / name for name in EVAL_REPORT], overwrite)
     result = predictor.evaluate(data, split, batch_size=batch_size, workers=workers)
-    out = out or (checkpoint / f'eval-{Path(data).name}-{split}' if checkpoint.is_dir() else Path('eval'))
     title = f'{predictor.model_name} on {data}/{split}'
     report, rows = _evaluation_report(result, out, title)
     if json_output:
         print(json.dumps(report))
     else:
-        _print_report(Console(), dict(report, title=title), rows)
+        _print_report(output_console(), dict(report, title=title), rows)
 
 
 @app.command('predict')
@@ -87,7 +95,7 @@ def predict_command(
         images: List[Path] = typer.Argument(..., help='Image files.'),
         checkpoint: Path = typer.Option(..., help='Run directory, checkpoint file, or original HAT-Net .pth.'),
         model: Optional[str] = typer.Option(None, help='Model name, for weights files of non-HAT-Net models.'),
-        top_k: int = typer.Option(5, help='Classes per image.'),
+        top_k: int = typer.Option(5, min=1, help='Classes per image.'),
         img_size: Optional[int] = typer.Option(None, help="(default: the checkpoint's)"),
         json_output: bool = typer.Option(False, '--json', help='Print JSON instead of a table.'),
         device: str = typer.Option('auto', help='auto | cpu | cuda.'),
@@ -105,9 +113,9 @@ def predict_command(
         table.add_column(column, justify='right' if column in ('rank', 'probability') else 'left')
     for r in results:
         for rank, (i, name, p) in enumerate(zip(r.indices, r.labels, r.scores), 1):
-            table.add_row(r.image if rank == 1 else '', str(rank), f'{name} [dim]({i})[/]', f'{100 * p:.2f} %',
-                          end_section=rank == len(r.indices))
-    Console().print(table)
+            table.add_row(r.image if rank == 1 else '', str(rank), Text.assemble(name, (f' ({i})', 'dim')),
+                          f'{100 * p:.2f} %', end_section=rank == len(r.indices))
+    output_console().print(table)
 
 
 @app.command()
@@ -118,6 +126,7 @@ def attention(
         query: Optional[str] = typer.Option(None, help='X,Y pixel of the (resized, cropped) model input that asks '
                                                        '(default: the centre).'),
         out: Path = typer.Option(Path('attention.png'), help='Output PNG.'),
+        overwrite: bool = typer.Option(False, help='Replace --out if it exists.'),
         model: Optional[str] = typer.Option(None, help='Model name, for weights files.'),
         img_size: Optional[int] = typer.Option(None, help="(default: the checkpoint's)"),
         device: str = typer.Option('auto', help='auto | cpu | cuda.'),
@@ -129,6 +138,8 @@ def attention(
     from ..tasks.attention import attention_blocks, attention_probabilities, plot_attention
     from ..tasks.classification import ClassificationTask
 
+    check_outputs([out], overwrite)
+    picture = read_image(image)
     predictor = ClassificationTask.load(checkpoint, device, model=model, img_size=img_size)
     blocks = attention_blocks(predictor.model)
     try:
@@ -138,7 +149,7 @@ def attention(
     if (stage, index) not in blocks:
         depths = [sum(1 for s, _ in blocks if s == i) for i in range(blocks[-1][0] + 1)]
         raise HatNetError(f'--block {block}: the model has {len(depths)} stages with {depths} blocks (0-based)')
-    tensor = predictor.transform(read_image(image))
+    tensor = predictor.transform(picture)
     height, width = tensor.shape[-2:]
     try:
         x, y = (float(v) for v in query.split(',')) if query else ((width - 1) / 2, (height - 1) / 2)
@@ -154,7 +165,7 @@ def attention(
     rows, cols = result['map_size']
     plot_attention(picture, result, out, f'{predictor.model_name} stage {stage} block {index}: query token '
                                          f'{result["query"]} of {rows}x{cols} (mean over the heads)')
-    Console().print(f'wrote {out}')
+    output_console().print(f'wrote {out}')
 
 
 def _fresh_dir(base: Path) -> Path:
@@ -176,19 +187,21 @@ def demo(
     from ..engine import resolve_config, train as run_training
     from ..tasks.classification import ClassificationConfig, ClassificationTask
 
-    console = Console()
+    console = output_console()
     out = out or _fresh_dir(Path('hatnet-demo'))
     train_cfg, task_cfg = resolve_config(
         ClassificationConfig, dict(out=str(out), epochs=epochs, device=device, data='digits', model='hat_net_tiny'),
         recipe='digits')
-    console.print(f'[bold]hatnet demo[/]: {task_cfg.model} on the embedded handwritten digits '
-                  f'(1,437 training / 360 validation images, {task_cfg.img_size} px), {train_cfg.epochs} epochs')
+    console.print(Text.assemble(('hatnet demo', 'bold'), f': {task_cfg.model} on the embedded handwritten digits '
+                                f'(1,437 training / 360 validation images, {task_cfg.img_size} px), '
+                                f'{train_cfg.epochs} epochs'))
     start = time.time()
     result = run_training(ClassificationTask(task_cfg), train_cfg)
     minutes = (time.time() - start) / 60
     metrics = ClassificationTask.load(out, device).evaluate('digits', 'val', workers=0)
     _evaluation_report(metrics, out, 'hat_net_tiny on the digits (validation)')
-    console.print(f'\nvalidation accuracy [bold green]{100 * metrics["top1"]:.2f} %[/] '
-                  f'(best checkpoint, step {result["best"]["step"]}) after {minutes:.1f} min of training')
+    console.print(Text.assemble('\nvalidation accuracy ', (f'{100 * metrics["top1"]:.2f} %', 'bold green'),
+                                f' (best checkpoint, step {result["best"]["step"]}) after {minutes:.1f} min of '
+                                f'training'))
     console.print(f'curves: {out / "curves.png"}, confusion matrix: {out / "confusion_matrix.png"}, '
                   f'metrics: {out / "metrics.csv"}')

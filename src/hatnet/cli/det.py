@@ -5,10 +5,10 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from .app import det_app
+from ..engine.run_dir import check_output_folder, check_outputs
+from .app import console, det_app
 
 CHECKPOINT_HELP = 'Run directory (its best checkpoint) or checkpoint file.'
 
@@ -18,18 +18,20 @@ def eval_cmd(
         data: Path = typer.Option(..., help='Dataset folder in the COCO 2017 layout.'),
         checkpoint: Path = typer.Option(..., help=CHECKPOINT_HELP),
         val_split: Optional[str] = typer.Option(None, help="Split to evaluate. [default: the run's val split]"),
-        batch_size: int = typer.Option(2, help='Images per forward pass.'),
-        workers: int = typer.Option(2, help='Data-loading processes.'),
-        min_size: Optional[int] = typer.Option(None, help="Shorter image side. [default: the run's]"),
-        max_size: Optional[int] = typer.Option(None, help="Cap on the longer side. [default: the run's]"),
+        batch_size: int = typer.Option(2, min=1, help='Images per forward pass.'),
+        workers: int = typer.Option(2, min=0, help='Data-loading processes.'),
+        min_size: Optional[int] = typer.Option(None, min=32, help="Shorter image side. [default: the run's]"),
+        max_size: Optional[int] = typer.Option(None, min=32, help="Cap on the longer side. [default: the run's]"),
         device: str = typer.Option('auto', help='auto | cpu | cuda | cuda:N'),
         as_json: bool = typer.Option(False, '--json', help='Print one JSON object instead of a table.'),
         csv: Optional[Path] = typer.Option(None, help='Also write the metrics to this CSV file.'),
         results: Optional[Path] = typer.Option(None, help='Also write the detections as a COCO results json.'),
+        overwrite: bool = typer.Option(False, help='Replace the --csv and --results files if they exist.'),
 ):
     """COCO bbox (and, for Mask R-CNN, segm) AP / AP50 / AP75 / APs / APm / APl of a trained detector."""
     from ..tasks.detection import DetectionTask, write_csv
 
+    check_outputs([path for path in (csv, results) if path is not None], overwrite)
     predictor = DetectionTask.load(checkpoint, device, min_size=min_size, max_size=max_size)
     metrics = predictor.evaluate(data, val_split, batch_size=batch_size, workers=workers, results_file=results)
     if csv:
@@ -45,7 +47,7 @@ def eval_cmd(
     for stat in dict.fromkeys(k.split('_', 1)[1] for k in metrics):
         table.add_row(stat, *('-' if math.isnan(v) else f'{100 * v:.1f}' for v in
                               (metrics[f'{t}_{stat}'] for t in types)))
-    Console().print(table)
+    console().print(table)
 
 
 @det_app.command('predict')
@@ -53,8 +55,9 @@ def predict_cmd(
         images: List[Path] = typer.Argument(..., help='Image files.'),
         checkpoint: Path = typer.Option(..., help=CHECKPOINT_HELP),
         out: Path = typer.Option(Path('predictions'), help='Folder for the drawn PNGs and predictions.json.'),
-        score_thresh: float = typer.Option(0.5, help='Keep detections scoring at least this.'),
-        max_detections: int = typer.Option(100, help='Keep at most this many detections per image.'),
+        overwrite: bool = typer.Option(False, help='Replace output files that exist.'),
+        score_thresh: float = typer.Option(0.5, min=0.0, max=1.0, help='Keep detections scoring at least this.'),
+        max_detections: int = typer.Option(100, min=1, help='Keep at most this many detections per image.'),
         device: str = typer.Option('auto', help='auto | cpu | cuda | cuda:N'),
 ):
     """Detect objects in images: PNGs with boxes, class names, scores (and masks) drawn, plus a json."""
@@ -63,6 +66,8 @@ def predict_cmd(
     from ..tasks.predictor import unique_stems
 
     drawings = [out / f'{stem}.png' for stem in unique_stems(images)]
+    check_output_folder(out)
+    check_outputs([*drawings, out / 'predictions.json'], overwrite)
     predictor = DetectionTask.load(checkpoint, device, score_thresh=score_thresh, detections_per_img=max_detections)
     entries = []
     for detection, png in zip(predictor.predict(images), drawings):  # every image is read before anything is written
@@ -71,4 +76,4 @@ def predict_cmd(
         entry = detection.to_dict()
         entries.append(dict(image=entry['image'], drawing=str(png), detections=entry['detections']))
     write_json(entries, out / 'predictions.json')
-    Console().print(f'wrote {len(drawings)} image(s) and {out / "predictions.json"}')
+    console().print(f'wrote {len(drawings)} image(s) and {out / "predictions.json"}')

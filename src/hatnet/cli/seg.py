@@ -5,11 +5,12 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from ..engine.run_dir import check_output_folder, check_outputs
 from ..errors import HatNetError
-from .app import seg_app
+from .app import console, seg_app
 
 LAYOUT_HELP = ('ade20k: images/ and annotations/{training,validation} (label 0 ignored, classes shifted by one); '
                'folders: images/ and masks/{train,val} with class-index PNGs and an optional classes.yaml')
@@ -33,7 +34,7 @@ def shapes(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise HatNetError(f'{out} already exists and is not an empty folder; not writing into it')
     write_shapes_dataset(out, layout, train, val, size=(min_size, max(min_size, max_size)), seed=seed)
-    Console().print(f'wrote {train} training and {val} validation images ({layout} layout) to {out}')
+    console().print(f'wrote {train} training and {val} validation images ({layout} layout) to {out}')
 
 
 def _without_nan(value):
@@ -58,18 +59,22 @@ def evaluate(
         checkpoint: Path = typer.Option(..., help='Run directory (its best checkpoint) or a checkpoint file.'),
         layout: Optional[str] = typer.Option(None, help=LAYOUT_HELP + ' (default: the run\'s)'),
         split: Optional[str] = typer.Option(None, help='Split folder name. (default: validation / val)'),
-        short_side: Optional[int] = typer.Option(None, help='Test scale. (default: the run\'s, 512 in the recipe)'),
+        short_side: Optional[int] = typer.Option(None, min=32, help='Test scale. (default: the run\'s, 512 in the '
+                                                                     'recipe)'),
         slide: bool = typer.Option(False, help=SLIDE_HELP),
-        window: Optional[int] = typer.Option(None, help='Sliding-window side. (default: the run\'s crop size)'),
+        window: Optional[int] = typer.Option(None, min=32, help='Sliding-window side. (default: the run\'s crop size)'),
         flip: bool = typer.Option(False, help='Average with the horizontally flipped image.'),
         json_out: bool = typer.Option(False, '--json', help='Print one JSON object (metrics as fractions 0..1).'),
         csv_path: Optional[Path] = typer.Option(None, '--csv', help='Per-class CSV. (default: seg_eval_<split>.csv '
                                                                      'beside the checkpoint)'),
+        overwrite: bool = typer.Option(False, help='Replace the --csv file if it exists.'),
         device: str = typer.Option('auto', help='auto | cpu | cuda | cuda:N.'),
-        workers: int = typer.Option(2, help='Data-loading processes.'),
+        workers: int = typer.Option(2, min=0, help='Data-loading processes.'),
 ):
     """mIoU, mAcc, aAcc and per-class IoU / Acc of a trained model (single scale; optionally sliding window, flip)."""
     from ..tasks.segmentation import SegmentationTask
+    if csv_path is not None:  # the default CSV beside the checkpoint is the run's own report, refreshed each time
+        check_outputs([csv_path], overwrite)
     predictor = SegmentationTask.load(checkpoint, device, short_side=short_side, slide=slide, window=window)
     result = predictor.evaluate(data, layout=layout, split=split, flip=flip, workers=workers, progress=not json_out)
     run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
@@ -85,11 +90,11 @@ def evaluate(
     for name, scores in result['per_class'].items():
         table.add_row(name, percent(scores['IoU']), percent(scores['Acc']))
     table.add_section()
-    table.add_row('[bold]mean[/]', f'[bold]{percent(result["mIoU"])}[/]', f'[bold]{percent(result["mAcc"])}[/]')
+    table.add_row(*(Text(cell, style='bold') for cell in ('mean', percent(result['mIoU']), percent(result['mAcc']))))
     table.add_row('all pixels (aAcc)', '', percent(result['aAcc']))
-    console = Console()
-    console.print(table)
-    console.print(f'mIoU {percent(result["mIoU"])}  mAcc {percent(result["mAcc"])}  aAcc {percent(result["aAcc"])}'
+    output = console()
+    output.print(table)
+    output.print(f'mIoU {percent(result["mIoU"])}  mAcc {percent(result["mAcc"])}  aAcc {percent(result["aAcc"])}'
                   f'  (per-class CSV: {csv_path})')
 
 
@@ -98,9 +103,10 @@ def predict(
         images: List[Path] = typer.Argument(..., help='Image files.'),
         checkpoint: Path = typer.Option(..., help='Run directory (its best checkpoint) or a checkpoint file.'),
         out: Path = typer.Option(Path('seg_predictions'), help='Output folder.'),
-        short_side: Optional[int] = typer.Option(None, help='Test scale. (default: the run\'s)'),
+        overwrite: bool = typer.Option(False, help='Replace output files that exist.'),
+        short_side: Optional[int] = typer.Option(None, min=32, help='Test scale. (default: the run\'s)'),
         slide: bool = typer.Option(False, help=SLIDE_HELP),
-        window: Optional[int] = typer.Option(None, help='Sliding-window side. (default: the run\'s crop size)'),
+        window: Optional[int] = typer.Option(None, min=32, help='Sliding-window side. (default: the run\'s crop size)'),
         flip: bool = typer.Option(False, help='Average with the horizontally flipped image.'),
         alpha: float = typer.Option(0.5, min=0.0, max=1.0, help='Opacity of the colours in the overlay.'),
         device: str = typer.Option('auto', help='auto | cpu | cuda | cuda:N.'),
@@ -108,10 +114,13 @@ def predict(
 ):
     """Segment images: <stem>_mask.png (class indices as a colour-palette PNG) and <stem>_overlay.png per image."""
     from ..tasks.predictor import unique_stems
-    from ..tasks.segmentation import SegmentationTask
+    from ..tasks.segmentation import Segmentation, SegmentationTask
     stems = unique_stems(images)
+    check_output_folder(out)
+    check_outputs([path for stem in stems for path in Segmentation.files(out, stem).values()], overwrite)
     predictor = SegmentationTask.load(checkpoint, device, short_side=short_side, slide=slide, window=window)
-    segmentations = predictor.predict(images, flip=flip)  # every image is read before anything is written
+    # every image is read and segmented before anything is written
+    segmentations = predictor.predict(images, flip=flip)
     results = []
     for stem, segmentation in zip(stems, segmentations):
         files = segmentation.save(out, stem, alpha)
@@ -127,4 +136,4 @@ def predict(
     for r in results:
         table.add_row(r['image'], 'x'.join(map(str, r['size'])), Path(r['mask']).name, Path(r['overlay']).name,
                       ', '.join(f'{name} {100 * share:.0f}%' for name, share in r['classes'].items()))
-    Console().print(table)
+    console().print(table)

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from rich.console import Console
+from rich.text import Text
 
 from ..engine.config import TrainConfig
 from ..errors import HatNetError
 from ..extras import EXTRA_OF, import_optional, require
-from .app import app, cls_app, det_app, seg_app
+from .app import app, cls_app, console, det_app, seg_app
 from .options import field_options, settings_command
 
 DATA_PANEL, AUG_PANEL = 'data and model', 'augmentation'
@@ -114,7 +114,7 @@ def default_run_dir(task: str, config: Any) -> Path:
 def run_training(spec: TrainCommand, options: Dict[str, Any], recipe: Optional[str]) -> None:
     """What every ``train`` command does with the options it was given."""
     require(*spec.needs)
-    from ..engine import resolve_config, train
+    from ..engine import check_config, resolve_config, train
 
     module = import_optional(spec.module, 'this command')
     recipe, aliases = recipe_for(spec.task, recipe, options)
@@ -125,13 +125,15 @@ def run_training(spec: TrainCommand, options: Dict[str, Any], recipe: Optional[s
         train_cfg.out = str(default_run_dir(spec.task, task_cfg))
     if not (train_cfg.epochs or train_cfg.iters):
         raise HatNetError('give the length of the run: --epochs N (or --iters N), or a --recipe')
+    check_config(train_cfg)  # every option, before the data and the weights are read
     job = getattr(module, spec.job)(task_cfg)
     if hasattr(job, 'check_inputs'):
         job.check_inputs()  # the data and weights, before the run directory is touched
     result = train(job, train_cfg)
     if int(os.environ.get('RANK', '0')) == 0:  # torchrun starts every rank with the same command
         best = result['best']
-        Console().print(f'best val_{best["metric"]} [bold]{best["value"]:.4f}[/] -> {result["run_dir"]}/best.pth')
+        console().print(Text.assemble(f'best val_{best["metric"]} ', (f'{best["value"]:.4f}', 'bold'),
+                                      f' -> {result["run_dir"]}/best.pth'))
 
 
 def train_command(spec: TrainCommand, *apps) -> Callable:

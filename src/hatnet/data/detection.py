@@ -10,11 +10,13 @@ Layout (COCO 2017; the split names are options)::
 The annotation file is read with pycocotools after it has been checked as a whole, so a bad dataset fails
 before training starts with one message naming the file, image or annotation:
 
-* errors: a json that does not parse or lacks images/annotations/categories; duplicate ids; an annotation
-  whose image or category is not listed; a box reaching more than one pixel outside its image; an image
-  file that is missing, unreadable or of another size than the json says (the size as shown, after the
-  EXIF orientation that :mod:`hatnet.data.images` applies); a malformed segmentation (when
-  masks are needed); train and val splits with different categories.
+* errors: a json that does not parse or lacks images/annotations/categories; ids that are not integers, or
+  duplicated; image sizes and boxes that are not finite numbers; an annotation whose image or category is not
+  listed; a box reaching more than one pixel outside its image; a file name that leads outside the image
+  folder (absolute, or with ``..``: the message does not say whether anything is there); an image file that is
+  missing, unreadable or of another size than the json says (the size as shown, after the EXIF orientation
+  that :mod:`hatnet.data.images` applies); a malformed segmentation (when masks are needed); train and val
+  splits with different categories.
 * skipped and counted: boxes of zero or negative width or height (COCO itself has a few), crowd regions in
   training (torchvision's detectors cannot use "ignore" regions; evaluation still sees them), and in
   training, images left without annotations (they teach RetinaNet / Mask R-CNN nothing but cost time).
@@ -25,6 +27,7 @@ Images, boxes and masks are augmented together with torchvision transforms v2 on
 import contextlib
 import io
 import json
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
@@ -37,6 +40,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from ..errors import DatasetError
+from ..fileio import resolve_inside
 from .images import image_size, read_image_tensor
 
 __all__ = ['CocoDetection', 'check_same_categories', 'collate', 'detection_transforms', 'load_coco_json',
@@ -59,12 +63,16 @@ def split_paths(root, split: str) -> Tuple[Path, Path]:
     return images, annotations
 
 
-def _require(entry: Any, keys: Sequence[str], what: str, path: Path) -> None:
+def _require(entry: Any, keys: Sequence[str], what: str, path: Path, integers: Sequence[str] = ()) -> None:
+    """``entry`` is an object with ``keys``, of which ``integers`` hold integers (ids, sizes)."""
     if not isinstance(entry, dict):
         raise DatasetError(f'{path}: {what} is not an object')
     missing = [k for k in keys if k not in entry]
     if missing:
         raise DatasetError(f'{path}: {what} has no {", ".join(missing)}')
+    for key in integers:
+        if isinstance(entry[key], bool) or not isinstance(entry[key], int):
+            raise DatasetError(f'{path}: {what} has {key} {entry[key]!r}; expected an integer')
 
 
 def _unique_ids(entries: List[dict], what: str, path: Path) -> None:
@@ -113,11 +121,14 @@ def load_coco_json(images_dir: Path, path: Path, with_masks: bool = False) -> Tu
     if not data['images']:
         raise DatasetError(f'{path}: the image list is empty')
     for i, cat in enumerate(data['categories']):
-        _require(cat, ('id', 'name'), f'category #{i}', path)
+        _require(cat, ('id', 'name'), f'category #{i}', path, integers=('id',))
     for i, img in enumerate(data['images']):
-        _require(img, ('id', 'file_name', 'width', 'height'), f'image #{i}', path)
+        _require(img, ('id', 'file_name', 'width', 'height'), f'image #{i}', path, integers=('id', 'width', 'height'))
+        if img['width'] < 1 or img['height'] < 1:
+            raise DatasetError(f'{path}: image #{i} has size {img["width"]}x{img["height"]}')
     for i, ann in enumerate(data['annotations']):
-        _require(ann, ('id', 'image_id', 'category_id', 'bbox'), f'annotation #{i}', path)
+        _require(ann, ('id', 'image_id', 'category_id', 'bbox'), f'annotation #{i}', path,
+                 integers=('id', 'image_id', 'category_id'))
     _unique_ids(data['categories'], 'category', path)
     _unique_ids(data['images'], 'image', path)
     _unique_ids(data['annotations'], 'annotation', path)
@@ -135,7 +146,8 @@ def load_coco_json(images_dir: Path, path: Path, with_masks: bool = False) -> Tu
             raise DatasetError(f'{path}: {what} has category id {ann["category_id"]}, which is not in the '
                                f'category list {sorted(category_ids)}')
         box = ann['bbox']
-        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                                and math.isfinite(v) for v in box)):
             raise DatasetError(f'{path}: {what} has bbox {box!r}; expected [x, y, width, height]')
         x, y, w, h = box
         # COCOeval needs both; fill them in the way COCO defines them when a file leaves them out
@@ -150,7 +162,7 @@ def load_coco_json(images_dir: Path, path: Path, with_masks: bool = False) -> Tu
                                f'{image["width"]}x{image["height"]} image')
         if with_masks and not ann['iscrowd']:
             _check_segmentation(ann, image, path)
-    _check_image_files(images_dir, data['images'])
+    _check_image_files(images_dir, data['images'], path)
 
     coco = COCO()
     coco.dataset = data
@@ -159,9 +171,14 @@ def load_coco_json(images_dir: Path, path: Path, with_masks: bool = False) -> Tu
     return coco, skipped
 
 
-def _check_image_files(images_dir: Path, images: List[dict]) -> None:
+def image_path(images_dir: Path, image: dict, annotation_file: Path) -> Path:
+    """The file of an image entry: its ``file_name`` inside ``images_dir``, never outside."""
+    return resolve_inside(images_dir, image['file_name'], f'{annotation_file}: image {image["id"]}')
+
+
+def _check_image_files(images_dir: Path, images: List[dict], annotation_file: Path) -> None:
     for img in images:
-        path = images_dir / img['file_name']
+        path = image_path(images_dir, img, annotation_file)
         if not path.is_file():
             raise DatasetError(f'image file not found: {path} (listed in the annotation file)')
         size = image_size(path, DatasetError)
@@ -236,7 +253,8 @@ class CocoDetection(Dataset):
 
     def load_image(self, index: int) -> tv_tensors.Image:
         """The image as a uint8 (3, H, W) tv_tensor."""
-        return read_image_tensor(self.images_dir / self.coco.imgs[self.image_ids[index]]['file_name'], DatasetError)
+        image = self.coco.imgs[self.image_ids[index]]
+        return read_image_tensor(image_path(self.images_dir, image, self.annotation_file), DatasetError)
 
     def __getitem__(self, index: int):
         image_id = self.image_ids[index]

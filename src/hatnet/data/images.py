@@ -7,7 +7,9 @@
 * Pillow's decompression-bomb rule holds: an image of more than twice ``PIL.Image.MAX_IMAGE_PIXELS`` pixels
   is refused (raise that limit to read larger images).
 * Every unreadable file is one error, ``cannot read image PATH: reason``: :class:`InputError` by default,
-  the datasets ask for :class:`DatasetError`.
+  the datasets ask for :class:`DatasetError`. The datasets check every file when they are built
+  (:func:`check_image_file`, :func:`image_size`: the header and what Pillow can verify without decoding), so
+  a broken file stops a run before its first step, not in the middle of an evaluation.
 """
 from pathlib import Path
 from typing import Tuple, Type, Union
@@ -20,7 +22,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from ..errors import HatNetError, InputError
 
-__all__ = ['ImageSource', 'image_size', 'read_image', 'read_image_tensor']
+__all__ = ['ImageSource', 'check_image_file', 'image_size', 'read_image', 'read_image_tensor']
 
 ImageSource = Union[str, Path, Image.Image, np.ndarray]
 
@@ -42,6 +44,8 @@ def read_image(source: ImageSource, error: Type[HatNetError] = InputError) -> Im
         try:
             image.load()
             return _to_rgb(ImageOps.exif_transpose(image), source, error)
+        except HatNetError:  # already one message naming the file
+            raise
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise error(f'cannot read image {source}: {e}') from None
 
@@ -51,13 +55,26 @@ def read_image_tensor(source: ImageSource, error: Type[HatNetError] = InputError
     return tv_tensors.Image(pil_to_tensor(read_image(source, error)))
 
 
-def image_size(path, error: Type[HatNetError] = InputError) -> Tuple[int, int]:
-    """(width, height) of an image file as :func:`read_image` returns it, from the file's header."""
+def check_image_file(path, error: Type[HatNetError] = InputError) -> None:
+    """Check that ``path`` is an image Pillow can read, without decoding it: its header, and what Pillow's
+    ``verify()`` checks (for PNG the checksum of every chunk, which finds truncated and damaged files)."""
     with _open(path, error) as image:
-        width, height = image.size
-        if image.getexif().get(EXIF_ORIENTATION) in TRANSPOSING_ORIENTATIONS:
-            return height, width
-        return width, height
+        try:
+            image.verify()
+        except Exception as e:  # Pillow's plugins raise many types here (OSError, SyntaxError, struct.error, ...)
+            raise error(f'cannot read image {path}: {e or type(e).__name__}') from None
+
+
+def image_size(path, error: Type[HatNetError] = InputError) -> Tuple[int, int]:
+    """(width, height) of an image file as :func:`read_image` returns it, after :func:`check_image_file`."""
+    check_image_file(path, error)
+    with _open(path, error) as image:
+        try:
+            width, height = image.size
+            transposed = image.getexif().get(EXIF_ORIENTATION) in TRANSPOSING_ORIENTATIONS
+        except Exception as e:  # reading the EXIF data of some formats decodes the image
+            raise error(f'cannot read image {path}: {e or type(e).__name__}') from None
+        return (height, width) if transposed else (width, height)
 
 
 def _open(path, error: Type[HatNetError]) -> Image.Image:

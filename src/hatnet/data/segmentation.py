@@ -14,9 +14,11 @@ Folders::
 
 Masks are single-channel PNGs of class indices (mode L, P or 16-bit), read as stored; images are read by
 :mod:`hatnet.data.images` (EXIF orientation applied). Every split is checked once, before anything is trained
-or written: each image has a mask of the same size (as shown) and each mask an image, no split is
-empty, and no mask holds a label outside the classes other than the ignore index. Each problem is one
-:class:`DatasetError` naming the file.
+or written: each image is readable and has a mask of the same size (as shown), each mask an image, no split
+is empty, and no mask holds a label outside the classes other than the ignore index. The classes are the
+class file's (or ``num_classes``); without either they are inferred from the labels, which must then be
+0..N-1 with each one occurring, so that one stray value (say 200) is reported with its counts instead of
+making a model of 201 classes. Each problem is one :class:`DatasetError` naming the files.
 
 Augmentation is joint on image and mask with torchvision transforms v2 (masks are ``tv_tensors.Mask``, so
 geometric transforms use nearest-neighbour for them and photometric ones leave them alone), following the
@@ -40,12 +42,13 @@ from ..errors import DatasetError
 from .images import image_size, read_image_tensor
 
 __all__ = [
-    'ADE20K_CLASSES', 'LAYOUTS', 'SHAPE_CLASSES', 'PhotoMetricDistortion', 'RandomCropCatMaxRatio',
+    'ADE20K_CLASSES', 'LAYOUTS', 'MAX_SIDE_RATIO', 'SHAPE_CLASSES', 'PhotoMetricDistortion', 'RandomCropCatMaxRatio',
     'SegmentationData', 'SegmentationDataset', 'colorize', 'eval_transform', 'find_samples', 'get_layout',
     'load_data', 'make_palette', 'train_transform', 'write_shapes_dataset',
 ]
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+MAX_SIDE_RATIO = 4  # single-scale testing: the longer side is at most this times the test scale
 MASK_MODES = ('L', 'P', 'I;16', 'I')
 CLASS_FILES = ('classes.yaml', 'classes.yml', 'classes.json')
 
@@ -158,8 +161,8 @@ def map_labels(values, ignore_index: int, reduce_zero_label: bool):
     return np.where((values == 0) | (values == ignore_index), ignore_index, values - 1)
 
 
-def _check_pair(image: Path, mask: Path, ignore_index: int, reduce_zero_label: bool) -> int:
-    """Check that ``mask`` fits ``image``; return its largest class index (-1 if it has none)."""
+def _check_pair(image: Path, mask: Path, ignore_index: int, reduce_zero_label: bool) -> Dict[int, int]:
+    """Check that ``mask`` fits ``image``; return its pixel count per class index (ignored pixels left out)."""
     width, height = image_size(image, DatasetError)
     labels = _read_mask(mask)
     if labels.shape != (height, width):
@@ -167,9 +170,46 @@ def _check_pair(image: Path, mask: Path, ignore_index: int, reduce_zero_label: b
                            f'{width}x{height} (width x height)')
     if labels.dtype.kind == 'i' and labels.min() < 0:
         raise DatasetError(f'mask {mask} contains negative values; masks hold class indices')
-    present = map_labels(np.flatnonzero(np.bincount(labels.ravel())), ignore_index, reduce_zero_label)
-    present = present[present != ignore_index]
-    return int(present.max()) if present.size else -1
+    counts = np.bincount(labels.ravel())
+    stored = np.flatnonzero(counts)
+    classes = map_labels(stored, ignore_index, reduce_zero_label)
+    return {int(c): int(n) for c, n in zip(classes, counts[stored]) if c != ignore_index}
+
+
+def _label_report(usage: Dict[int, Tuple[int, int, Path]], labels: Sequence[int], reduce_zero_label: bool) -> str:
+    """'label 200 in 1 mask (1 pixel, e.g. PATH); ...' for the first few ``labels`` (as stored in the files)."""
+    parts = []
+    for label in labels[:3]:
+        masks, pixels, example = usage[label]
+        parts.append(f'label {label + 1 if reduce_zero_label else label} in {masks} mask{"s" * (masks > 1)} '
+                     f'({pixels} pixel{"s" * (pixels > 1)}, e.g. {example})')
+    return '; '.join(parts) + (f'; {len(labels) - 3} more labels' if len(labels) > 3 else '')
+
+
+def _check_labels(usage: Dict[int, Tuple[int, int, Path]], num_classes: Optional[int], root: Path, ignore_index: int,
+                  reduce_zero_label: bool) -> int:
+    """The number of classes: ``num_classes`` (declared) if given, else inferred from the labels in use, which must
+    then be 0..N-1 with each one occurring. Labels outside the classes are one error with their counts."""
+    if num_classes is not None:
+        outside = sorted(label for label in usage if label >= num_classes)
+        if outside:
+            valid = f'1..{num_classes} (0 = unlabelled)' if reduce_zero_label else f'0..{num_classes - 1}'
+            raise DatasetError(f'masks below {root} hold labels outside the {num_classes} classes: '
+                               f'{_label_report(usage, outside, reduce_zero_label)}; valid values are {valid} and '
+                               f'the ignore index {ignore_index}')
+        return num_classes
+    if not usage:  # every mask is unlabelled
+        raise DatasetError(f'no labelled pixels in any mask below {root}')
+    inferred = max(usage) + 1
+    unused = [label for label in range(inferred) if label not in usage]
+    if unused:
+        rarest = sorted(usage, key=lambda label: usage[label][1])  # the likely stray values first
+        raise DatasetError(
+            f'the mask labels below {root} are not 0..N-1: {len(unused)} of the values up to the largest, '
+            f'{inferred - 1 + reduce_zero_label}, never occur; the rarest are '
+            f'{_label_report(usage, rarest, reduce_zero_label)}. List the classes in classes.yaml (or give '
+            f'--num-classes): labels outside them are then reported as errors')
+    return inferred
 
 
 def _read_class_file(root: Path) -> Tuple[Optional[List[str]], Optional[int], Optional[list]]:
@@ -221,8 +261,8 @@ def load_data(
 ) -> SegmentationData:
     """Find and check the given splits (default: train and validation) of a dataset.
 
-    The number of classes is ``num_classes`` if given, else the class file's, else the largest label in the
-    data plus one; ADE20K data with 150 classes gets ADE20K's class names.
+    The number of classes is ``num_classes`` if given, else the class file's, else inferred from the labels
+    (which must then be 0..N-1, each occurring); ADE20K data with 150 classes gets ADE20K's class names.
     """
     root = Path(root)
     spec = get_layout(layout)
@@ -236,19 +276,17 @@ def load_data(
 
     pairs = [pair for split_samples in samples.values() for pair in split_samples]
     with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes without the GIL
-        max_labels = list(pool.map(lambda pair: _check_pair(*pair, ignore_index, spec.reduce_zero_label), pairs))
+        counts = list(pool.map(lambda pair: _check_pair(*pair, ignore_index, spec.reduce_zero_label), pairs))
+    usage: Dict[int, Tuple[int, int, Path]] = {}  # class index -> (masks, pixels, first mask) holding it
+    for (_, mask), mask_counts in zip(pairs, counts):
+        for label, pixels in mask_counts.items():
+            masks, total, example = usage.get(label, (0, 0, mask))
+            usage[label] = (masks + 1, total + pixels, example)
 
     if names is not None and num_classes is not None and num_classes != len(names):
         raise DatasetError(f'the class file lists {len(names)} classes but {num_classes} were asked for')
-    num_classes = num_classes or (len(names) if names else max(max_labels) + 1)
-    if num_classes < 1:  # every mask is unlabelled
-        raise DatasetError(f'no labelled pixels in any mask below {root}')
-    for (_, mask), max_label in zip(pairs, max_labels):
-        if max_label >= num_classes:
-            stored = max_label + 1 if spec.reduce_zero_label else max_label
-            valid = f'1..{num_classes} (0 = unlabelled)' if spec.reduce_zero_label else f'0..{num_classes - 1}'
-            raise DatasetError(f'mask {mask} contains label {stored}, but there are {num_classes} classes: valid '
-                               f'values are {valid} and the ignore index {ignore_index}')
+    num_classes = _check_labels(usage, num_classes or (len(names) if names else None), root, ignore_index,
+                                spec.reduce_zero_label)
     if names is None:
         names = list(ADE20K_CLASSES) if layout == 'ade20k' and num_classes == len(ADE20K_CLASSES) else \
             [f'class_{i}' for i in range(num_classes)]
@@ -360,7 +398,8 @@ def train_transform(
 
 def eval_transform(short_side: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     """Single-scale testing: short side to ``short_side`` (the long side at most 4x that), normalised."""
-    return v2.Compose([v2.Resize(short_side, max_size=4 * short_side, antialias=True), *_normalize(mean, std)])
+    return v2.Compose([v2.Resize(short_side, max_size=MAX_SIDE_RATIO * short_side, antialias=True),
+                       *_normalize(mean, std)])
 
 
 def colorize(mask: np.ndarray, palette: Sequence[Tuple[int, int, int]]) -> Image.Image:

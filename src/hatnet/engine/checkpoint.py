@@ -16,7 +16,7 @@ key                content
 ``epoch, step``    position in the run
 ``config``         the run's flat settings (as in ``config.yaml``)
 ``last.pth`` only  ``optimizer``, ``scheduler`` (for reference: on resume the schedule is rebuilt from the
-                   settings and the step), ``scaler``, ``ema``, ``batch_in_epoch``, ``best``,
+                   settings and the step), ``scaler``, ``ema``, ``batch_in_epoch``, ``batches_per_epoch``, ``best``,
                    ``history`` (all metrics rows), ``world_size`` and ``ranks`` (per process: RNG states
                    and the running sums of the current logging interval)
 =================  ====================================================================================

@@ -7,10 +7,11 @@ The run directory's ``config.yaml`` is written in the same format, so every run 
 ``--resume`` reads it back (options given again on the command line still override it).
 """
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Type
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Type
 
 import yaml
 
@@ -67,7 +68,10 @@ class TrainConfig:
     poly_power: float = _setting(0.9, 'sched poly: power of the decay.', OPTIMISATION)
     # numerics and speed
     amp: str = _setting('none', 'none | bf16 (autocast, CPU and CUDA) | fp16 (CUDA, with a GradScaler).', SPEED)
-    channels_last: bool = _setting(False, 'NHWC memory format (faster convolutions on CPU).', SPEED)
+    channels_last: bool = _setting(True, 'NHWC memory format: faster convolutions on CPU, and on CUDA with amp '
+                                         '(hat_net models compute in NHWC either way).', SPEED)
+    compile: bool = _setting(False, 'torch.compile (inductor) the training forward and backward; the first steps '
+                                    'compile (minutes on a CPU).', SPEED)
     ema: bool = _setting(False, "Keep an EMA of the weights (timm ModelEmaV3), evaluated too (val_ema_*).", SPEED)
     ema_decay: float = _setting(0.9998, 'Decay of the EMA.', SPEED)
     ema_warmup: bool = _setting(True, 'Ramp the EMA decay up over the first steps (ModelEmaV3 use_warmup).',
@@ -84,6 +88,45 @@ class TrainConfig:
     resume: bool = _setting(False, "Continue the run in --out from its last checkpoint, with its config.yaml "
                                    "as the recipe.", BOOKKEEPING)
     overwrite: bool = _setting(False, 'Delete the run in --out and start again.', BOOKKEEPING)
+
+
+class Range(NamedTuple):
+    """The values a numeric setting may take: ``low`` .. ``high``, both included unless ``low_open``."""
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            return False
+        return (value > self.low if self.low_open else value >= self.low) and value <= self.high
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f'{">" if self.low_open else ">="} {self.low:g}'
+        return f'{"above" if self.low_open else "from"} {self.low:g} to {self.high:g}'
+
+
+POSITIVE, NON_NEGATIVE, AT_LEAST_ONE, FRACTION = Range(0, low_open=True), Range(0), Range(1), Range(0, 1)
+
+# The ranges of the trainer's numeric settings (checked before anything is built or written).
+TRAIN_RANGES = dict(
+    epochs=NON_NEGATIVE, iters=NON_NEGATIVE, batch_size=AT_LEAST_ONE, eval_batch_size=NON_NEGATIVE,
+    accum_steps=AT_LEAST_ONE, workers=NON_NEGATIVE, lr=POSITIVE, lr_base_size=NON_NEGATIVE,
+    weight_decay=NON_NEGATIVE, momentum=FRACTION, layer_decay=Range(0, 1, low_open=True), clip_grad=POSITIVE,
+    min_lr=NON_NEGATIVE, warmup_epochs=NON_NEGATIVE, warmup_iters=NON_NEGATIVE, warmup_lr=NON_NEGATIVE,
+    decay_milestones=AT_LEAST_ONE, decay_rate=POSITIVE, poly_power=POSITIVE, ema_decay=FRACTION,
+    threads=NON_NEGATIVE, eval_every=AT_LEAST_ONE, save_every=NON_NEGATIVE, log_every=AT_LEAST_ONE)
+
+
+def check_ranges(config: Any, ranges: Mapping[str, Range]) -> None:
+    """One HatNetError for the first setting of ``config`` (a dataclass) outside its range (NaN never is
+    inside); None means "not set" and passes, the items of a list are checked one by one."""
+    for name, allowed in ranges.items():
+        value = getattr(config, name)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is not None and item not in allowed:
+                raise HatNetError(f'{name} must be {allowed}, got {item!r}')
 
 
 # Keys that describe one invocation rather than the run; never written to config.yaml.

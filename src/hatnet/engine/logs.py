@@ -6,10 +6,11 @@ holds exactly the rows an uninterrupted run would have written.
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..fileio import write_csv_atomic
+from ..fileio import save_figure, write_csv_atomic
 
 METRICS_CSV = 'metrics.csv'
 CURVES_PNG = 'curves.png'
+TENSORBOARD = 'tensorboard'
 
 
 class RunLog:
@@ -22,7 +23,7 @@ class RunLog:
         except ImportError:  # tensorboard is optional
             self.tensorboard = None
         else:
-            self.tensorboard = SummaryWriter(str(run_dir / 'tensorboard'), purge_step=purge_step)
+            self.tensorboard = SummaryWriter(str(run_dir / TENSORBOARD), purge_step=purge_step)
 
     def scalars(self, values: Dict[str, float], step: int) -> None:
         if self.tensorboard is not None:
@@ -61,5 +62,4 @@ def plot_curves(history: List[Dict[str, Any]], path: Path, primary: str = '') ->
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -31,7 +31,6 @@ for every task:
 * ``last.pth`` at every evaluation and every ``save_every`` steps, ``best.pth`` by ``task.primary_metric``,
   written atomically. ``resume`` continues a killed run to exactly the state an uninterrupted run reaches.
 """
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -47,77 +46,98 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .. import __version__
-from ..fileio import load_file, save_atomic
+from ..fileio import append_text, load_file, save_atomic, write_text_atomic
 from ..errors import CheckpointError, DatasetError, HatNetError
 from . import distributed as dist
 from .checkpoint import BEST, FORMAT, LAST, capture_rng_state, load_weights, restore_rng_state
-from .config import TrainConfig, config_dict
+from .config import TRAIN_RANGES, TrainConfig, check_ranges, config_dict
 from .loaders import ResumableSampler, SeededDataset, ShardSampler, worker_errors_unwrapped
 from .logs import CURVES_PNG, RunLog, plot_curves
+from .run_dir import CONFIG_YAML, LOG_TXT, RunLock, check_start, prepare
 from .task import Task
 
-CONFIG_YAML = 'config.yaml'
-LOG_TXT = 'log.txt'
+# settings a resumed run must keep: they decide which samples each step of an epoch takes
+BATCH_SETTINGS = ('batch_size', 'accum_steps')
 
 
 def train(task: Task, config: TrainConfig) -> Dict[str, Any]:
     """Run (or, with ``config.resume``, continue) a training run; returns ``{'run_dir', 'metrics', 'best'}``."""
-    _check_config(config)
+    check_config(config)
     if config.threads > 0:
         torch.set_num_threads(config.threads)
-    with dist.setup(config.device) as device, worker_errors_unwrapped():
-        return Trainer(task, config, device).fit()
+    # the run directory's lock is taken once data and model are built, and released however the run ends
+    with dist.setup(config.device) as device, worker_errors_unwrapped(), RunLock(config.out) as lock:
+        return Trainer(task, config, device, lock).fit()
 
 
-def _check_config(cfg: TrainConfig) -> None:
+def check_config(cfg: TrainConfig) -> None:
+    """Every trainer setting, checked before anything is built or written (one HatNetError for the first bad one)."""
     if not cfg.out:
         raise HatNetError('no run directory given (--out)')
+    check_ranges(cfg, TRAIN_RANGES)
     if (cfg.epochs > 0) == (cfg.iters > 0):
         raise HatNetError(f'give exactly one of epochs and iters (got epochs={cfg.epochs}, iters={cfg.iters})')
-    for name in ('batch_size', 'accum_steps', 'eval_every'):
-        if getattr(cfg, name) < 1:
-            raise HatNetError(f'{name} must be at least 1, got {getattr(cfg, name)}')
     if cfg.amp not in ('none', 'bf16', 'fp16'):
         raise HatNetError(f"amp must be 'none', 'bf16' or 'fp16', got {cfg.amp!r}")
     if cfg.sched == 'step' and not cfg.decay_milestones:
         raise HatNetError("sched 'step' needs decay_milestones (epochs, or steps in an iteration run)")
     if cfg.resume and cfg.overwrite:
         raise HatNetError('--resume and --overwrite contradict each other; pass one of them')
+    # optimiser and schedule on a stand-in parameter: their names and values, as timm checks them (zeros: no
+    # random initialisation, which would move the global generator before the run seeds it)
+    stand_in = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(1))])
+    optimizer = build_optimizer(stand_in, cfg, cfg.lr, layer_decay=False)
+    build_scheduler(optimizer, cfg, steps_per_epoch=1, total_steps=max(cfg.iters, cfg.epochs))
 
 
-def _check_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
-    """Refuse to touch another run unless asked (checked on every process, before anything is built)."""
-    if cfg.resume:
-        if not (run_dir / LAST).is_file():
-            raise CheckpointError(f'cannot resume: {run_dir} has no checkpoint ({LAST}); the run stopped before '
-                                  f'its first checkpoint, start it again with --overwrite')
-    elif run_dir.is_dir() and any(run_dir.iterdir()):
-        if not cfg.overwrite:
-            raise HatNetError(f'run directory {run_dir} already exists: pass --resume to continue that run or '
-                              f'--overwrite to replace it')
-        if not (run_dir / CONFIG_YAML).is_file():
-            raise HatNetError(f'{run_dir} is not empty and is not a hatnet run directory; not overwriting it')
-    elif run_dir.exists() and not run_dir.is_dir():
-        raise HatNetError(f'run directory {run_dir} is a file')
+# torch's own Adam and AdamW (timm names), whose update can run as one fused kernel per weight
+FUSABLE_OPTIMIZERS = ('adam', 'adamw')
 
 
-def _create_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
-    """Rank 0 creates (or, with --overwrite, replaces) the run directory once data and model have been built."""
-    dist.barrier()
-    if dist.is_main_process():
-        if cfg.overwrite and not cfg.resume and run_dir.is_dir():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+def fast_optimizer_kwargs(device: torch.device) -> Dict[str, Any]:
+    """Arguments that make torch's Adam / AdamW fastest on ``device``: ``fused=True`` on CPU and CUDA runs the
+    update of each weight in one kernel instead of a chain of element-wise passes over it and its two moments
+    (the same update up to float rounding)."""
+    return {'fused': True} if device.type in ('cpu', 'cuda') else {}
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float, layer_decay: bool = True):
+    """timm's ``create_optimizer_v2`` with the run's settings; a bad name or value is one HatNetError."""
+    device = next(model.parameters()).device
+    fast = fast_optimizer_kwargs(device) if cfg.opt.lower() in FUSABLE_OPTIMIZERS else {}
+    try:
+        return create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                                   layer_decay=cfg.layer_decay if layer_decay else None, **fast)
+    except (ValueError, TypeError, ImportError, AssertionError) as e:
+        raise HatNetError(f'optimizer {cfg.opt!r}: {e}') from None
+
+
+def build_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int, total_steps: int):
+    """timm scheduler over optimiser steps (one scheduler 'epoch' = one step)."""
+    per_epoch = steps_per_epoch if cfg.epochs else 1
+    milestones = [m * per_epoch for m in cfg.decay_milestones]
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch) + cfg.warmup_iters
+    sched = {'step': 'multistep'}.get(cfg.sched, cfg.sched)
+    try:
+        scheduler, _ = create_scheduler_v2(
+            optimizer, sched=sched, num_epochs=total_steps, decay_milestones=milestones,
+            decay_rate=cfg.poly_power if sched == 'poly' else cfg.decay_rate, min_lr=cfg.min_lr,
+            warmup_lr=cfg.warmup_lr, warmup_epochs=warmup_steps, step_on_epochs=False, updates_per_epoch=1)
+    except (ValueError, TypeError, AssertionError) as e:
+        raise HatNetError(f'learning-rate schedule: {e}') from None
+    if scheduler is None:
+        raise HatNetError(f"sched {cfg.sched!r}: use cosine, poly, step, constant or another timm scheduler")
+    return scheduler
 
 
 class Trainer:
-    def __init__(self, task: Task, cfg: TrainConfig, device: torch.device):
+    def __init__(self, task: Task, cfg: TrainConfig, device: torch.device, lock: RunLock):
         self.task, self.cfg, self.device = task, cfg, device
         self.run_dir = Path(cfg.out)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.main = dist.is_main_process()
-        _check_run_dir(self.run_dir, cfg)
+        # refuse another run's directory, or one in use, before anything is built (checked on every process)
+        check_start(self.run_dir, cfg.resume, cfg.overwrite)
 
         # the data first: the model may depend on it (the number of classes)
         train_set, val_set = task.build_datasets()
@@ -125,7 +145,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every process
         model = task.build_model()
         # only now, with data and model known to be good, is anything written
-        _create_run_dir(self.run_dir, cfg)
+        self._prepare_run_dir(lock)
 
         model.to(device)
         if cfg.channels_last:
@@ -133,10 +153,8 @@ class Trainer:
         self.model = model
         global_batch = cfg.batch_size * self.world_size * cfg.accum_steps
         self.lr = cfg.lr * global_batch / cfg.lr_base_size if cfg.lr_base_size > 0 else cfg.lr
-        self.optimizer = create_optimizer_v2(
-            model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-            layer_decay=cfg.layer_decay)
-        self.scheduler = self._build_scheduler()
+        self.optimizer = build_optimizer(model, cfg, self.lr)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch, self.total_steps)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16')
         self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup) if cfg.ema else None
 
@@ -155,6 +173,8 @@ class Trainer:
 
         self.ddp_model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None) if dist.is_distributed() else model
+        if cfg.compile:  # the training forward only: evaluation and checkpoints use the plain model
+            self.ddp_model = torch.compile(self.ddp_model)
         self.log = RunLog(self.run_dir, purge_step=self.step or None) if self.main else None
         if self.main:
             self._write_config()
@@ -186,30 +206,24 @@ class Trainer:
         self.eval_interval = cfg.eval_every * (self.steps_per_epoch if cfg.epochs else 1)
         self.bar_interval = self.steps_per_epoch if cfg.epochs else cfg.eval_every
 
-    def _build_scheduler(self):
-        """timm scheduler over optimiser steps (one scheduler 'epoch' = one step)."""
-        cfg = self.cfg
-        per_epoch = self.steps_per_epoch if cfg.epochs else 1
-        milestones = [m * per_epoch for m in cfg.decay_milestones]
-        warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch) + cfg.warmup_iters
-        sched = {'step': 'multistep'}.get(cfg.sched, cfg.sched)
-        try:
-            scheduler, _ = create_scheduler_v2(
-                self.optimizer, sched=sched, num_epochs=self.total_steps, decay_milestones=milestones,
-                decay_rate=cfg.poly_power if sched == 'poly' else cfg.decay_rate, min_lr=cfg.min_lr,
-                warmup_lr=cfg.warmup_lr, warmup_epochs=warmup_steps, step_on_epochs=False, updates_per_epoch=1)
-        except ValueError as e:
-            raise HatNetError(f'learning-rate schedule: {e}') from None
-        if scheduler is None:
-            raise HatNetError(f"sched {cfg.sched!r}: use cosine, poly, step, constant or another timm scheduler")
-        return scheduler
+    def _prepare_run_dir(self, lock: RunLock) -> None:
+        """Rank 0 takes the run directory (lock, clean-up, --overwrite); every process learns whether it could."""
+        error = None
+        if self.main:
+            try:
+                prepare(self.run_dir, lock, self.cfg.resume, self.cfg.overwrite)
+            except HatNetError as e:
+                error = e
+        message = dist.all_gather_object(None if error is None else str(error))[0]
+        if message is not None:
+            raise error or HatNetError(message)
 
     def _write_config(self) -> None:
         header = (f'# hatnet {__version__} {self.task.name} run; {self.world_size} process(es), global batch '
                   f'{self.cfg.batch_size * self.world_size * self.cfg.accum_steps}, effective lr {self.lr:.6g}, '
                   f'{self.steps_per_epoch} steps per epoch, {self.total_steps} steps in total\n')
         body = yaml.safe_dump(config_dict(self.cfg, self.task.config), sort_keys=False)
-        (self.run_dir / CONFIG_YAML).write_text(header + body)
+        write_text_atomic(self.run_dir / CONFIG_YAML, header + body)
 
     # ---------------------------------------------------------------- training
     def fit(self) -> Dict[str, Any]:
@@ -353,7 +367,8 @@ class Trainer:
             model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
             ema=self.ema.module.state_dict() if self.ema is not None else None,
-            batch_in_epoch=self.batch_in_epoch, best=self.best, history=self.history,
+            batch_in_epoch=self.batch_in_epoch, batches_per_epoch=self.batches_per_epoch, best=self.best,
+            history=self.history,
             elapsed=self.elapsed + time.time() - self.session_start,
             world_size=self.world_size, ranks=ranks)
         save_atomic(state, self.run_dir / LAST)
@@ -368,6 +383,17 @@ class Trainer:
                                   f'the same number (now {self.world_size}) to continue it exactly')
         if state['task'] != self.task.name:
             raise CheckpointError(f'{path} is a {state["task"]} run, not a {self.task.name} one')
+        saved = state.get('config', {})
+        changed = [k for k in BATCH_SETTINGS if k in saved and saved[k] != getattr(self.cfg, k)]
+        if changed:
+            raise CheckpointError(
+                f'{path} was written with {", ".join(f"{k} {saved[k]}" for k in changed)}, this run has '
+                f'{", ".join(f"{k} {getattr(self.cfg, k)}" for k in changed)}: resume with the same batch settings '
+                f'(which samples an epoch has left depends on them), or start a new run')
+        if state.get('batches_per_epoch', self.batches_per_epoch) != self.batches_per_epoch:
+            raise CheckpointError(f'{path} was written with {state["batches_per_epoch"]} batches per epoch, the data '
+                                  f'now gives {self.batches_per_epoch}: the training set changed; resume on the same '
+                                  f'data, or start a new run')
         load_weights(self.model, state['model'], source=str(path))
         self.optimizer.load_state_dict(state['optimizer'])
         # the schedule is a function of the step and the settings: it is rebuilt, not loaded, so that a resumed
@@ -399,5 +425,4 @@ class Trainer:
     def _print(self, message: str) -> None:
         if self.main:
             tqdm.write(message)
-            with open(self.run_dir / LOG_TXT, 'a') as f:
-                f.write(f'{time.strftime("%Y-%m-%d %H:%M:%S")} {message}\n')
+            append_text(self.run_dir / LOG_TXT, f'{time.strftime("%Y-%m-%d %H:%M:%S")} {message}\n')

@@ -6,6 +6,9 @@ computed in the graph from the input size). The TorchScript-based exporter is us
 needs every shape expression of the grid padding proven by its symbolic solver, which fails for the
 ceil-mode and modulo arithmetic of ragged grids. hat_net models are exported in their ONNX forms
 (``hat_net_onnx.onnx_forms``), from a copy: the model passed in is left as it is.
+
+A graph with hat_net modules refuses images under 32 x 32, as the PyTorch model does: a check node
+(``input_at_least_32x32``) fails in onnxruntime, which :class:`OnnxRunner` reports as an InputError.
 """
 import io
 import os
@@ -15,12 +18,14 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..errors import HatNetError, InputError
 from ..fileio import atomic_write
-from ..errors import HatNetError
+from ..models.hat_net import MIN_INPUT_SIZE, HierarchicalAttention
 from .hat_net_onnx import onnx_forms
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
+SIZE_CHECK = 'input_at_least_{0}x{0}'  # name of the node that refuses smaller inputs
 
 
 def export_onnx(
@@ -31,14 +36,19 @@ def export_onnx(
 ) -> Path:
     """Write ``model`` (in eval mode, float32, on CPU) to ``path`` with dynamic batch, height and width.
 
-    Input ``images`` (batch, channels, height, width), output ``output``. Written atomically. ``model``
-    itself is not changed (a copy is exported).
+    Input ``images`` (batch, channels, height, width), output ``output`` (its batch dimension, and for dense
+    outputs such as segmentation logits also its height and width, dynamic). Written atomically. ``model``
+    itself is not changed (a copy is exported). A model with hat_net modules refuses inputs under 32 x 32.
     """
     if opset < MIN_OPSET:
         raise HatNetError(f'opset {opset} is too old: the export needs opset >= {MIN_OPSET}')
     path = Path(path)
     model = onnx_forms(model).eval().float().cpu()
     example = torch.randn(2, getattr(model, 'in_chans', 3), *example_size)
+    with torch.no_grad():
+        output_rank = model(example).dim()
+    output_axes = {0: 'batch', **({2: 'out_height', 3: 'out_width'} if output_rank == 4 else {})}
+    min_size = MIN_INPUT_SIZE if any(isinstance(m, HierarchicalAttention) for m in model.modules()) else 0
 
     def write(tmp: str) -> None:
         import onnx
@@ -50,9 +60,11 @@ def export_onnx(
             torch.onnx.export(
                 model, (example,), exported, dynamo=False, opset_version=opset, input_names=['images'],
                 output_names=['output'], dynamic_axes={'images': {0: 'batch', 2: 'height', 3: 'width'},
-                                                       'output': {0: 'batch'}})
+                                                       'output': output_axes})
         graph_model = onnx.load_from_string(exported.getvalue())
         _move_weights_into_loops(graph_model.graph)
+        if min_size:
+            _add_input_size_check(graph_model.graph, min_size)
         onnx.save(graph_model, tmp)
 
     atomic_write(path, write)
@@ -83,6 +95,38 @@ def _move_weights_into_loops(graph) -> None:
         graph.initializer.extend(kept)
 
 
+def _add_input_size_check(graph, min_size: int) -> None:
+    """Make the graph fail for images with a side under ``min_size`` (``graph``: an onnx GraphProto).
+
+    ONNX has no assertion, so the check is a Reshape of a one-element tensor to the shape [1] if both sides
+    are large enough, else [0] (``allowzero``: a literal 0, which one element cannot take, so onnxruntime
+    stops with the node's name in its message). Its value, 1.0, multiplies the output, which keeps the check
+    in the graph and leaves the output as it is.
+    """
+    from onnx import TensorProto, helper
+
+    name = SIZE_CHECK.format(min_size)
+    output = graph.output[0].name
+    unchecked = f'{output}_unchecked'
+    for node in graph.node:
+        node.output[:] = [unchecked if o == output else o for o in node.output]
+    constant = lambda key, value, dtype: helper.make_node(  # noqa: E731
+        'Constant', [], [f'{name}/{key}'], value=helper.make_tensor(f'{name}/{key}', dtype, [1], [value]))
+    check = [
+        constant('min', min_size, TensorProto.INT64),
+        constant('one', 1.0, TensorProto.FLOAT),
+        helper.make_node('Shape', [graph.input[0].name], [f'{name}/size'], start=2, end=4),
+        helper.make_node('ReduceMin', [f'{name}/size'], [f'{name}/smallest'], keepdims=1),
+        helper.make_node('GreaterOrEqual', [f'{name}/smallest', f'{name}/min'], [f'{name}/ok']),
+        helper.make_node('Cast', [f'{name}/ok'], [f'{name}/shape'], to=TensorProto.INT64),
+        helper.make_node('Reshape', [f'{name}/one', f'{name}/shape'], [f'{name}/factor'], name=name, allowzero=1),
+    ]
+    # first in the graph, so that it runs before the model meets the small input
+    nodes = check + list(graph.node) + [helper.make_node('Mul', [unchecked, f'{name}/factor'], [output])]
+    graph.ClearField('node')
+    graph.node.extend(nodes)
+
+
 class OnnxRunner:
     """An onnxruntime session used like a module: ``runner(images) -> output`` on torch tensors."""
 
@@ -97,6 +141,7 @@ class OnnxRunner:
         options.add_session_config_entry('session.intra_op.allow_spinning', '1' if spin_wait else '0')
         if threads:
             options.intra_op_num_threads = threads
+        options.log_severity_level = 4  # failures come back as exceptions (below); its log would repeat them
         try:
             self.session = ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
         except Exception as e:  # onnxruntime raises its own exception types for unreadable files
@@ -105,4 +150,11 @@ class OnnxRunner:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = images.detach().float().cpu().contiguous()
-        return torch.from_numpy(self.session.run(None, {self.input_name: images.numpy()})[0])
+        try:
+            outputs = self.session.run(None, {self.input_name: images.numpy()})
+        except Exception as e:  # onnxruntime's own exception types
+            if SIZE_CHECK.format(MIN_INPUT_SIZE) not in str(e):
+                raise
+            raise InputError(f'image is too small: {images.shape[2]}x{images.shape[3]}, the model needs at least '
+                             f'{MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}') from None
+        return torch.from_numpy(outputs[0])

@@ -24,8 +24,9 @@ the NHWC map: H-MHSA copies data only to gather and scatter the grid cells.
 
 The unused ``proj_norm``: the original attention creates a GroupNorm ``proj_norm`` that its forward never
 applies. It is in the released checkpoints and the published parameter counts, so it is kept; in training
-it joins the graph with a zero factor so that every parameter gets a (zero) gradient, as DDP without
-``find_unused_parameters`` and gradient checks expect.
+it joins the graph with a zero factor, added to ``proj``'s weight (C x C values, where adding it to the
+output cost a pass over the map per block), so that every parameter gets a (zero) gradient, as DDP
+without ``find_unused_parameters`` and gradient checks expect.
 """
 from dataclasses import dataclass
 from functools import partial
@@ -225,10 +226,13 @@ class HierarchicalAttention(nn.Module):
             # global step: Y = L + Attn(q(L), kv(GN_ds(AvgPool(L))))
             q, k, v = self._global_qkv(local)
             out = local + _from_heads(F.scaled_dot_product_attention(q, k, v), H, W)
-        out = self.proj_drop(self.proj(out))
         if self.training:
-            out = out + 0. * (self.proj_norm.weight.sum() + self.proj_norm.bias.sum())
-        return out
+            # the unused proj_norm joins the graph through proj's weight (C x C values, not a pass over the map)
+            zero = 0. * (self.proj_norm.weight.sum() + self.proj_norm.bias.sum())
+            out = self.proj._conv_forward(out, self.proj.weight + zero, self.proj.bias)
+        else:
+            out = self.proj(out)
+        return self.proj_drop(out)
 
     def _global_qkv(self, local: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries from every token of the locally attended map, keys and values from its pooled copy."""

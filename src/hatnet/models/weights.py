@@ -93,7 +93,9 @@ def check_fits(
         adaptable: keys the loader adapts or replaces (a classifier of another size, a first convolution
             for other input channels): they may be missing, left over or of another shape.
 
-    For a HAT-Net model the message says what the weights look like: another variant, or not HAT-Net.
+    For a HAT-Net model the message says what the weights look like: another variant, or not HAT-Net. Weights
+    that fit but would load wrongly are refused too: integer (e.g. quantised) values for floating-point weights,
+    which loading would cast silently, and NaN or infinite values.
     """
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict and k not in adaptable]
@@ -101,6 +103,7 @@ def check_fits(
     mismatched = [k for k in expected if k in state_dict and k not in adaptable
                   and state_dict[k].shape != expected[k].shape]
     if not (missing or unexpected or mismatched):
+        _check_values(state_dict, expected, source)
         return
     if missing:
         details = f'{len(missing)} weights missing, e.g. {missing[:3]}'
@@ -120,6 +123,20 @@ def check_fits(
     raise CheckpointError(
         f'{source} does not fit {model_name}: it looks like {variant} (stage widths {arch["embed_dims"]}, '
         f'depths {arch["depths"]}); {details}')
+
+
+def _check_values(state_dict: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor], source: str) -> None:
+    loaded = [k for k in expected if k in state_dict]
+    wrong_type = [k for k in loaded if expected[k].is_floating_point() and not state_dict[k].is_floating_point()]
+    if wrong_type:
+        key = wrong_type[0]
+        raise CheckpointError(f'{source} holds {state_dict[key].dtype} values in {len(wrong_type)} weights (e.g. '
+                              f'{key}); the model needs floating-point weights (quantised checkpoints are not '
+                              f'supported)')
+    not_finite = [k for k in loaded if state_dict[k].is_floating_point() and not torch.isfinite(state_dict[k]).all()]
+    if not_finite:
+        raise CheckpointError(f'{source} holds NaN or infinite values in {len(not_finite)} weights (e.g. '
+                              f'{not_finite[0]}): a damaged file, or saved from a run that diverged')
 
 
 def build_with_weights(build: Callable[..., nn.Module], variant: str, pretrained: bool = False, **kwargs) -> nn.Module:

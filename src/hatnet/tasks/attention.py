@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..errors import HatNetError
+from ..fileio import save_figure
 
 
 def attention_probabilities(model: nn.Module, image: torch.Tensor, stage: int, block: int,
@@ -110,5 +111,4 @@ def plot_attention(image: np.ndarray, result: Dict[str, Any], path, title: str =
         ax.axis('off')
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

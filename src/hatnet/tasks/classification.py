@@ -22,7 +22,9 @@ from torch.utils.data import DataLoader
 from ..data.classification import check_same_classes, classification_dataset, DIGITS
 from ..engine import Task, distributed, load_weights, worker_errors_unwrapped
 from ..engine.checkpoint import RunCheckpoint
+from ..engine.config import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Range, check_ranges
 from ..errors import CheckpointError, DatasetError, HatNetError
+from ..fileio import save_figure
 from ..models import MODEL_NAMES, guess_variant, remap_original_keys
 from ..models.factory import create
 from .predictor import Images, Prediction, Predictor, read_inputs, read_run
@@ -69,6 +71,13 @@ class ClassificationConfig:
     smoothing: float = 0.1                    # label smoothing
 
 
+# the ranges of the numeric settings (checked when the task is made, before any data is read)
+RANGES = dict(num_classes=Range(2), img_size=Range(32), frozen_stages=NON_NEGATIVE, drop_path_rate=FRACTION,
+              drop_rate=FRACTION, scale=FRACTION, ratio=POSITIVE, hflip=FRACTION, color_jitter=NON_NEGATIVE,
+              reprob=FRACTION, recount=AT_LEAST_ONE, crop_pct=POSITIVE, std=POSITIVE, mixup=NON_NEGATIVE,
+              cutmix=NON_NEGATIVE, mixup_prob=FRACTION, mixup_switch_prob=FRACTION, smoothing=FRACTION)
+
+
 def _check_model_name(name: str) -> None:
     if not timm.is_model(name):
         raise HatNetError(f'unknown model {name!r}: use one of {", ".join(MODEL_NAMES)} or any timm model name')
@@ -111,6 +120,7 @@ class ClassificationTask(Task):
 
     def __init__(self, config: ClassificationConfig):
         self.config = cfg = config
+        check_ranges(cfg, RANGES)
         _check_model_name(cfg.model)
         self.img_size = cfg.img_size or (DIGITS_IMG_SIZE if cfg.data == DIGITS else default_img_size(cfg.model))
         self.data_config = eval_data_config(cfg.model, self.img_size, cfg.crop_pct, cfg.interpolation, cfg.mean,
@@ -140,6 +150,9 @@ class ClassificationTask(Task):
         val = classification_dataset(cfg.data, cfg.val_split, eval_transform(self.data_config), self.img_size)
         check_same_classes(train.classes, val.classes, f'{cfg.data}/{cfg.train_split}', f'{cfg.data}/{cfg.val_split}')
         self.class_names = list(train.classes)
+        if len(self.class_names) < 2:
+            raise DatasetError(f'{cfg.data}/{cfg.train_split} has one class ({self.class_names[0]}): a classifier '
+                               f'needs at least two (every prediction would be right)')
         self.num_classes = cfg.num_classes or len(self.class_names)
         if self.num_classes < len(self.class_names):
             raise DatasetError(f'--num-classes {self.num_classes} is fewer than the {len(self.class_names)} classes '
@@ -274,8 +287,7 @@ def plot_confusion_matrix(confusion: torch.Tensor, class_names: List[str], path,
     ax.set_ylabel('true')
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- inference

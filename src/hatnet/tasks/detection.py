@@ -24,10 +24,11 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 from ..data.detection import CocoDetection, check_same_categories, collate, detection_transforms
 from ..engine import Task, load_weights, worker_errors_unwrapped
 from ..engine import distributed as dist
+from ..engine.config import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, Range, check_ranges
 from ..errors import DatasetError
 from ..fileio import write_csv_atomic, write_text_atomic
 from ..models.detection import check_arch, create_detector
-from .predictor import Images, Prediction, Predictor, read_inputs, read_run
+from .predictor import Images, Prediction, Predictor, check_resized_size, read_inputs, read_run
 
 __all__ = ['COCO_STATS', 'Detection', 'DetectionConfig', 'DetectionPredictor', 'DetectionTask', 'build_detector',
            'coco_metrics', 'coco_results', 'iou_types', 'predict_coco', 'write_csv', 'write_json']
@@ -59,13 +60,25 @@ class DetectionConfig:
     detections_per_img: int = 100           # inference: keep at most this many per image
 
 
+# the ranges of the numeric settings (checked when the task is made and when a predictor changes them)
+RANGES = dict(frozen_stages=NON_NEGATIVE, drop_path_rate=FRACTION, min_size=Range(32), max_size=Range(32),
+              multi_scale=Range(32), hflip=FRACTION, roi_batch_size=AT_LEAST_ONE, score_thresh=FRACTION,
+              detections_per_img=AT_LEAST_ONE)
+
+
+def check_config(config: DetectionConfig) -> None:
+    """One HatNetError for the first setting out of range (before any data is read or a model built)."""
+    check_arch(config.arch)
+    check_ranges(config, RANGES)
+
+
 class DetectionTask(Task):
     name = 'detection'
     primary_metric = 'bbox_AP'
     collate_fn = staticmethod(collate)
 
     def __init__(self, config: DetectionConfig):
-        check_arch(config.arch)
+        check_config(config)
         self.config = config
         self.category_ids: List[int] = []  # the dataset's category ids, in label order: build_datasets
 
@@ -120,6 +133,7 @@ class DetectionTask(Task):
         overrides = dict(score_thresh=score_thresh, detections_per_img=detections_per_img, min_size=min_size,
                          max_size=max_size)
         config = replace(DetectionConfig(**state['config']), **{k: v for k, v in overrides.items() if v is not None})
+        check_config(config)
         model = build_detector(config, len(state['class_names']) + 1)
         load_weights(model, run.state_dict, source=str(run.path))
         return DetectionPredictor(model, state['class_names'], device, category_ids=state['category_ids'],
@@ -253,8 +267,11 @@ class DetectionPredictor(Predictor):
         """The objects in each image (the model resizes it, and maps its boxes and masks back to the image).
         One image at a time: in a batch, torchvision pads the images to a common size, which changes the
         features near the borders and so the detections."""
+        inputs = read_inputs(images)
+        # the detector pads its input to a multiple of 32: an image only needs a side left after the resize
+        check_resized_size(inputs, self.config.min_size, self.config.max_size, 1)
         results = []
-        for source, picture in read_inputs(images):
+        for source, picture in inputs:
             output = self.model([pil_to_tensor(picture).to(self.device) / 255.])[0]
             results.append(self._detection(source, picture, {k: v.cpu() for k, v in output.items()}))
         return results

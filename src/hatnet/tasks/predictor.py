@@ -26,7 +26,8 @@ from ..engine.distributed import resolve_device
 from ..errors import CheckpointError, InputError
 from ..models.runtime import optimize_for_cpu
 
-__all__ = ['ImageSource', 'Images', 'Prediction', 'Predictor', 'read_inputs', 'read_run', 'unique_stems']
+__all__ = ['ImageSource', 'Images', 'Prediction', 'Predictor', 'check_resized_size', 'read_inputs', 'read_run',
+           'unique_stems']
 
 Images = Union[ImageSource, Sequence[ImageSource]]
 
@@ -81,6 +82,20 @@ def read_inputs(images: Images) -> List[Tuple[Optional[str], Image.Image]]:
     if isinstance(images, (str, Path, Image.Image, np.ndarray)):
         images = [images]
     return [(str(image) if isinstance(image, (str, Path)) else None, read_image(image)) for image in images]
+
+
+def check_resized_size(inputs: Sequence[Tuple[Optional[str], Image.Image]], short_side: int, max_size: int,
+                       min_side: int) -> None:
+    """Refuse, before any is predicted, an image that resizing to a shorter side of ``short_side`` (the longer
+    one at most ``max_size``) would leave with a side under ``min_side`` pixels: a very long, thin image."""
+    for source, picture in inputs:
+        width, height = picture.size
+        scale = min(short_side / min(width, height), max_size / max(width, height))
+        resized = int(width * scale), int(height * scale)
+        if min(resized) < min_side:
+            raise InputError(f'image {source or "(in memory)"} is {width}x{height}: at the model\'s scale (shorter '
+                             f'side {short_side}, longer at most {max_size}) it would be {resized[0]}x{resized[1]}, '
+                             f'under the {min_side} px the model needs')
 
 
 def read_run(run_or_checkpoint, task: str, bare_weights: bool = False) -> RunCheckpoint:

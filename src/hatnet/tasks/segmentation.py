@@ -31,12 +31,15 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from ..data.segmentation import (
-    SegmentationData, SegmentationDataset, collate, colorize, eval_transform, get_layout, load_data, make_palette,
-    train_transform)
+    MAX_SIDE_RATIO, SegmentationData, SegmentationDataset, collate, colorize, eval_transform, get_layout, load_data,
+    make_palette, train_transform)
 from ..engine import Task, distributed, load_weights, worker_errors_unwrapped
+from ..engine.config import FRACTION, NON_NEGATIVE, POSITIVE, Range, check_ranges
+from ..errors import HatNetError
 from ..fileio import atomic_write
+from ..models.hat_net import MIN_INPUT_SIZE
 from ..models.semantic_fpn import SemanticFPN
-from .predictor import Images, Prediction, Predictor, read_inputs, read_run
+from .predictor import Images, Prediction, Predictor, check_resized_size, read_inputs, read_run
 
 
 @dataclass
@@ -56,6 +59,11 @@ class SegmentationConfig:
     drop_path_rate: Optional[float] = 0.1  # backbone stochastic depth (null: the backbone's default)
     slide: bool = False                 # sliding-window evaluation (windows of crop_size, stride 2/3 of it)
     flip: bool = False                  # average with the horizontally flipped image at evaluation
+
+
+# the ranges of the numeric settings (checked when the task is made, before any data is read)
+RANGES = dict(num_classes=NON_NEGATIVE, crop_size=Range(32), short_side=Range(32), ratio_range=POSITIVE,
+              cat_max_ratio=Range(0, 1, low_open=True), frozen_stages=NON_NEGATIVE, drop_path_rate=FRACTION)
 
 
 def normalization(model_name: str) -> Tuple[Sequence[float], Sequence[float]]:
@@ -139,6 +147,12 @@ class SegmentationTask(Task):
     collate_fn = staticmethod(collate)
 
     def __init__(self, config: SegmentationConfig):
+        check_ranges(config, RANGES)
+        if len(config.ratio_range) != 2 or config.ratio_range[0] > config.ratio_range[1]:
+            raise HatNetError(f'ratio_range must be [low, high], got {config.ratio_range}')
+        if config.norm not in ('gn', 'bn'):
+            raise HatNetError(f"norm must be 'gn' or 'bn', got {config.norm!r}")
+        get_layout(config.layout)
         self.config = config
         self.data: Optional[SegmentationData] = None  # the checked dataset: build_datasets
 
@@ -226,12 +240,16 @@ class Segmentation(Prediction):
         """The colours blended over the input image (``alpha``: their opacity)."""
         return Image.blend(self.input_picture(), self.colorized().convert('RGB'), alpha)
 
+    @staticmethod
+    def files(out_dir, stem: str) -> Dict[str, Path]:
+        """The files :meth:`save` writes, by kind: ``<stem>_mask.png`` and ``<stem>_overlay.png``."""
+        return {kind: Path(out_dir) / f'{stem}_{kind}.png' for kind in ('mask', 'overlay')}
+
     def save(self, out_dir, stem: str, alpha: float = 0.5) -> Dict[str, Path]:
-        """Write ``<stem>_mask.png`` (:meth:`colorized`) and ``<stem>_overlay.png`` (:meth:`overlay`) to
-        ``out_dir``; returns their paths by kind."""
-        files = {}
+        """Write the mask (:meth:`colorized`) and the overlay (:meth:`overlay`) to ``out_dir`` as :meth:`files`
+        names them; returns their paths by kind."""
+        files = self.files(out_dir, stem)
         for kind, picture in (('mask', self.colorized()), ('overlay', self.overlay(alpha))):
-            files[kind] = Path(out_dir) / f'{stem}_{kind}.png'
             atomic_write(files[kind], lambda tmp: picture.save(tmp, format='PNG'))
         return files
 
@@ -256,9 +274,12 @@ class SegmentationPredictor(Predictor):
         self.transform = eval_transform(short_side, *normalization(model_name))
 
     def predict(self, images: Images, flip: bool = False) -> List[Segmentation]:
-        """The class of every pixel (``flip``: averaged with the horizontally flipped image)."""
+        """The class of every pixel (``flip``: averaged with the horizontally flipped image). Every image is read
+        and checked before any is segmented."""
+        inputs = read_inputs(images)
+        check_resized_size(inputs, self.short_side, MAX_SIDE_RATIO * self.short_side, MIN_INPUT_SIZE)
         results = []
-        for source, picture in read_inputs(images):
+        for source, picture in inputs:
             pixels = tv_tensors.Image(pil_to_tensor(picture))
             probs = predict_probs(self.model, self.transform(pixels)[None].to(self.device), pixels.shape[-2:],
                                   self.window, flip)
