@@ -229,7 +229,7 @@ class HierarchicalAttention(nn.Module):
         if self.training:
             # the unused proj_norm joins the graph through proj's weight (C x C values, not a pass over the map)
             zero = 0. * (self.proj_norm.weight.sum() + self.proj_norm.bias.sum())
-            out = self.proj._conv_forward(out, self.proj.weight + zero, self.proj.bias)
+            out = F.conv2d(out, self.proj.weight + zero, self.proj.bias)
         else:
             out = self.proj(out)
         return self.proj_drop(out)
