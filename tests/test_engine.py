@@ -323,3 +323,42 @@ def test_resume_reads_the_runs_own_config(tmp_path):
     assert [r['step'] for r in rows] == ['4', '6', '8']
     # the longer run follows the 8-step cosine (the 4-step one would be at its floor, 0, by now)
     assert float(rows[1]['lr']) == pytest.approx(0.05 * (1 + math.cos(math.pi * 6 / 8)) / 2)
+
+
+def test_auto_choices_keep_the_users_options_and_are_written_with_their_reasons(tmp_path):
+    from hatnet.engine.fitting import Choice, apply_choices
+    cfg, task = _cfg(tmp_path / 'run', iters=24), ToyTask()
+    choices = [Choice('lr', 0.1, 'small data'), Choice('warmup_iters', 4, 'short run'),
+               Choice('noise', 0.1, 'task setting'), Choice('batch_size', 8, 'already so')]
+    applied = apply_choices(cfg, task.config, choices, given={'lr', 'out'})
+    # the user's lr stays, an unchanged value is not reported, a task setting reaches the task's config
+    assert [c.key for c in applied] == ['warmup_iters', 'noise']
+    assert (cfg.lr, cfg.warmup_iters, task.config.noise) == (0.05, 4, 0.1)
+    with pytest.raises(KeyError):
+        apply_choices(cfg, task.config, [Choice('no_such_setting', 1, '')], given=())
+
+    train(task, cfg, applied)
+    text = (tmp_path / 'run' / 'config.yaml').read_text()
+    assert '# auto: warmup_iters = 4 (short run)' in text and '# auto: noise = 0.1 (task setting)' in text
+    recipe = build_configs(__import__('yaml').safe_load(text), ToyConfig)  # still a recipe, comments aside
+    assert recipe[0].warmup_iters == 4 and recipe[1].noise == 0.1
+    log = (tmp_path / 'run' / 'log.txt').read_text()
+    assert 'auto recipe: warmup_iters = 4  (short run)' in log
+
+
+def test_machine_choices_leave_the_cpu_to_the_training_process():
+    from hatnet.engine.fitting import cpu_count, machine_choices
+    cfg = TrainConfig(workers=64)
+    [choice] = machine_choices(cfg, torch.device('cpu'))
+    assert choice.key == 'workers' and choice.value == cpu_count() - 1
+    assert machine_choices(TrainConfig(workers=0), torch.device('cpu')) == []
+
+
+def test_the_run_says_how_long_it_will_take_after_a_few_steps(tmp_path):
+    task = ToyTask(ToyConfig(step_sleep=0.05))
+    train(task, _cfg(tmp_path / 'run', iters=30, eval_every=10))
+    log = (tmp_path / 'run' / 'log.txt').read_text()
+    [line] = [l for l in log.splitlines() if 'measured' in l]
+    per_step = float(line.split('measured ')[1].split(' s per step')[0])
+    assert 0.05 <= per_step < 0.5  # the sleep dominates each step
+    assert 'the remaining 24 steps take about' in line and 'plus 3 evaluation(s) on 40 images' in line

@@ -100,6 +100,24 @@ def test_lock_acquire_is_exclusive(tmp_path):
     assert not (tmp_path / LOCK).exists()
 
 
+def test_breaking_a_stale_lock_never_removes_a_live_one_taken_meanwhile(tmp_path, live_process, finished_pid):
+    # two starts found the same stale lock; the first has already replaced it with its own (live) lock when the
+    # second comes to remove the stale one
+    _write_lock(tmp_path, finished_pid)
+    late = RunLock(tmp_path)
+    stale = late.owner()
+    _write_lock(tmp_path, live_process)
+    late._break_stale(stale)
+    assert late.owner()['pid'] == live_process
+    with pytest.raises(HatNetError, match=f'in use by process {live_process}'):
+        late.acquire()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK]  # nothing moved aside is left behind
+    _write_lock(tmp_path, finished_pid)  # the stale lock itself is broken and taken over
+    late.acquire()
+    assert late.owner()['pid'] == os.getpid()
+    late.release()
+
+
 @pytest.mark.slow
 def test_two_real_trainings_into_one_directory(tmp_path):
     """A second start and a --resume while another process trains there: both refused, the first run intact."""

@@ -32,6 +32,23 @@ _STATE_DICT_KEYS = ('model', 'state_dict')
 _WRAPPER_PREFIXES = ('module.', '_orig_mod.')
 
 
+# A training run's checkpoints (engine/checkpoint.py writes them): the ``format`` they carry, and the two files.
+RUN_FORMAT = 'hatnet-run'
+RUN_BEST, RUN_LAST = 'best.pth', 'last.pth'
+
+
+def run_checkpoint_file(path) -> Path:
+    """A run directory means its best checkpoint; any other path is itself."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if not (path / RUN_BEST).is_file():
+        hint = f' (use {path / RUN_LAST} for its latest weights)' if (path / RUN_LAST).is_file() else ''
+        raise CheckpointError(f'{path} is a folder without {RUN_BEST}: not a run directory, or its run has not '
+                              f'finished an evaluation yet{hint}')
+    return path / RUN_BEST
+
+
 def load_file(path) -> Any:
     """Load a ``.pth`` / ``.pt`` / ``.safetensors`` file with ``weights_only=True``."""
     path = Path(path)

@@ -9,11 +9,12 @@ import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from rich.text import Text
 
 from ..engine.config import TrainConfig
+from ..engine.fitting import Choice
 from ..errors import HatNetError
 from ..extras import EXTRA_OF, import_optional, require
 from .app import app, cls_app, console, det_app, seg_app
@@ -72,8 +73,9 @@ SEGMENTATION = TrainCommand(
     needs=TRAIN_NEEDS + ('torchmetrics',),
     doc="Train Semantic FPN: the paper's ADE20K recipe unless --recipe says otherwise; options override it.\n\n"
         'The one trainer: resumable, distributed with torchrun (--batch-size is per process), see docs/training.md.',
-    recipe_help="'paper' (ade20k_semantic_fpn, the default), another bundled recipe or a YAML file; options given "
-                "here override it.")
+    recipe_help="'auto' (the default: the paper's recipe with image scale, schedule, batch and lr fitted to the "
+                "data and the machine, printed at the start), 'paper' (ade20k_semantic_fpn as published), another "
+                "bundled recipe or a YAML file; options given here override it.")
 DETECTION = TrainCommand(
     task='det', module='hatnet.tasks.detection', config='DetectionConfig', job='DetectionTask',
     fields=dict(data='Dataset folder in the COCO 2017 layout.',
@@ -83,26 +85,41 @@ DETECTION = TrainCommand(
                 multi_scale='Training: shorter sides to draw from, e.g. 640,672,704,736,768,800.'),
     needs=TRAIN_NEEDS,
     doc="Train RetinaNet or Mask R-CNN with a HAT-Net backbone (PVT's 1x COCO recipe by default).",
-    recipe_help="'paper' (coco_ARCH_1x, the default), another bundled recipe or a YAML file; options given here "
-                "override it.")
+    recipe_help="'auto' (the default: the paper's recipe with image scale, schedule, batch and lr fitted to the "
+                "data and the machine, printed at the start), 'paper' (coco_ARCH_1x as published), another bundled "
+                "recipe or a YAML file; options given here override it.")
 
 def recipe_for(task: str, recipe: Optional[str], options: Dict[str, Any]) -> Tuple[Optional[str], Dict[str, str]]:
-    """The recipe a ``train`` command starts from, and what ``--recipe paper`` means for the task.
+    """The recipe a ``train`` command starts from, and what ``paper`` and ``auto`` mean for the task.
 
     Without ``--recipe``: classification on the digits (its default data) uses ``digits``, on other data none
-    (the dataclass defaults); segmentation the paper's ADE20K recipe; detection the arch's 1x COCO recipe.
-    A resumed run uses its own config.yaml instead.
+    (the dataclass defaults); segmentation and detection use ``auto``: the paper's recipe (ADE20K Semantic FPN,
+    the arch's 1x COCO) fitted to the data (``engine/fitting.py``). A resumed run uses its own config.yaml.
     """
     if task == 'cls':
         paper = 'imagenet_paper'
         default = 'digits' if (options.get('data') or 'digits') == 'digits' else None
-    elif task == 'seg':
-        paper = default = 'ade20k_semantic_fpn'
+        aliases = {'paper': paper}
     else:
-        paper = default = f'coco_{options.get("arch") or "retinanet"}_1x'
+        paper = 'ade20k_semantic_fpn' if task == 'seg' else f'coco_{options.get("arch") or "retinanet"}_1x'
+        default, aliases = 'auto', {'paper': paper, 'auto': paper}
     if recipe is None and not options.get('resume'):
         recipe = default
-    return recipe, {'paper': paper}
+    return recipe, aliases
+
+
+def fit_to_data(module, train_cfg, task_cfg, given) -> List[Choice]:
+    """The ``auto`` recipe's choices for this data and machine (applied to the configs, user's options kept)."""
+    from ..engine.distributed import resolve_device
+    from ..engine.fitting import apply_choices, machine_choices
+
+    device = resolve_device(train_cfg.device)
+    processes = int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
+    choices = machine_choices(train_cfg, device, processes)
+    fit_recipe = getattr(module, 'fit_recipe', None)  # a task's own fitting to its data, if it has one
+    if fit_recipe is not None:
+        choices += fit_recipe(task_cfg, train_cfg, frozenset(given), device)
+    return apply_choices(train_cfg, task_cfg, choices, given)
 
 
 def default_run_dir(task: str, config: Any) -> Path:
@@ -126,10 +143,11 @@ def run_training(spec: TrainCommand, options: Dict[str, Any], recipe: Optional[s
     if not (train_cfg.epochs or train_cfg.iters):
         raise HatNetError('give the length of the run: --epochs N (or --iters N), or a --recipe')
     check_config(train_cfg)  # every option, before the data and the weights are read
+    choices = fit_to_data(module, train_cfg, task_cfg, options) if recipe == 'auto' else []
     job = getattr(module, spec.job)(task_cfg)
     if hasattr(job, 'check_inputs'):
         job.check_inputs()  # the data and weights, before the run directory is touched
-    result = train(job, train_cfg)
+    result = train(job, train_cfg, choices)
     if int(os.environ.get('RANK', '0')) == 0:  # torchrun starts every rank with the same command
         best = result['best']
         console().print(Text.assemble(f'best val_{best["metric"]} ', (f'{best["value"]:.4f}', 'bold'),

@@ -32,13 +32,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..fileio import load_file, unwrap_state_dict
 from ..errors import CheckpointError
+from ..fileio import RUN_BEST as BEST, RUN_FORMAT as FORMAT, RUN_LAST as LAST  # noqa: F401 (the engine's names)
+from ..fileio import load_file, run_checkpoint_file, unwrap_state_dict
 from ..models.weights import check_fits
-
-FORMAT = 'hatnet-run'
-LAST = 'last.pth'
-BEST = 'best.pth'
 
 
 def capture_rng_state() -> Dict[str, Any]:
@@ -81,13 +78,7 @@ def load_run_checkpoint(path, task: str = '') -> RunCheckpoint:
 
     ``task``: if given, a hatnet checkpoint written by another task is an error.
     """
-    path = Path(path)
-    if path.is_dir():
-        if not (path / BEST).is_file():
-            raise CheckpointError(f'{path} has no {BEST}: the run has not finished an evaluation yet'
-                                  + (f' (use {path / LAST} to load its latest weights)' if (path / LAST).is_file()
-                                     else ''))
-        path = path / BEST
+    path = run_checkpoint_file(path)
     checkpoint = load_file(path)
     if not (isinstance(checkpoint, dict) and checkpoint.get('format') == FORMAT):
         return RunCheckpoint(path, unwrap_state_dict(checkpoint, source=str(path)))

@@ -4,7 +4,8 @@
   exclusively (it appears with its content, or not at all) that names the owner's pid, host and start time.
   A second ``train`` or a ``--resume`` of a run that is still going fails with one line naming that process.
   A lock left by a process that no longer runs on this host (``kill -9``, a crash, a reboot) is stale and
-  is taken over; a lock of another host cannot be checked from here and counts as held.
+  is taken over (by one process only, when several start at once); a lock of another host cannot be checked
+  from here and counts as held.
 * **Only a run's own files.** ``--overwrite`` removes what runs and the eval commands write (:data:`OWN_FILES`,
   :data:`OWN_FOLDERS`) and refuses a folder that holds anything else, so a mistyped ``--out`` never deletes
   a project folder. The temporary files of checkpoint writes that a killed process left behind are removed
@@ -106,10 +107,10 @@ class RunLock:
         self.path = self.run_dir / LOCK
         self.held = False
 
-    def owner(self) -> Optional[dict]:
+    def owner(self, path: Optional[Path] = None) -> Optional[dict]:
         """The lock's content (pid, host, started), None if there is no lock."""
         try:
-            owner = json.loads(self.path.read_text())
+            owner = json.loads((path or self.path).read_text())
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
@@ -152,8 +153,26 @@ class RunLock:
                     owner = self._live_owner()
                     if owner is not None:
                         raise self._in_use(owner) from None
-                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    self._break_stale(self.owner())
         raise self._in_use(self.owner() or {'pid': '?'})
+
+    def _break_stale(self, stale: Optional[dict]) -> None:
+        """Remove the lock whose content was ``stale``, and only that one: when two processes find the same stale
+        lock, the first may have replaced it with its own live lock by the time the second removes "it". The
+        lock is moved aside atomically and read again; a lock that is not the stale one is put back."""
+        moved = self.path.with_name(f'{LOCK}.{os.getpid()}.stale.tmp')
+        try:
+            os.rename(self.path, moved)
+        except FileNotFoundError:
+            return
+        try:
+            if self.owner(moved) != stale:
+                try:
+                    os.link(moved, self.path)
+                except FileExistsError:  # yet another process took it meanwhile: its lock stands
+                    pass
+        finally:
+            moved.unlink(missing_ok=True)
 
     def release(self) -> None:
         if self.held:

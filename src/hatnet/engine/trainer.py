@@ -34,7 +34,7 @@ for every task:
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 import torch
 import yaml
@@ -50,6 +50,7 @@ from ..fileio import append_text, load_file, save_atomic, write_text_atomic
 from ..errors import CheckpointError, DatasetError, HatNetError
 from . import distributed as dist
 from .checkpoint import BEST, FORMAT, LAST, capture_rng_state, load_weights, restore_rng_state
+from .fitting import Choice
 from .config import TRAIN_RANGES, TrainConfig, check_ranges, config_dict
 from .loaders import ResumableSampler, SeededDataset, ShardSampler, worker_errors_unwrapped
 from .logs import CURVES_PNG, RunLog, plot_curves
@@ -60,14 +61,17 @@ from .task import Task
 BATCH_SETTINGS = ('batch_size', 'accum_steps')
 
 
-def train(task: Task, config: TrainConfig) -> Dict[str, Any]:
-    """Run (or, with ``config.resume``, continue) a training run; returns ``{'run_dir', 'metrics', 'best'}``."""
+def train(task: Task, config: TrainConfig, choices: Sequence[Choice] = ()) -> Dict[str, Any]:
+    """Run (or, with ``config.resume``, continue) a training run; returns ``{'run_dir', 'metrics', 'best'}``.
+
+    ``choices``: the settings the ``auto`` recipe fitted to the data (already applied to the configs), printed
+    at the start and written with their reasons to ``config.yaml``."""
     check_config(config)
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     # the run directory's lock is taken once data and model are built, and released however the run ends
     with dist.setup(config.device) as device, worker_errors_unwrapped(), RunLock(config.out) as lock:
-        return Trainer(task, config, device, lock).fit()
+        return Trainer(task, config, device, lock, choices).fit()
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -130,9 +134,43 @@ def build_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int, total_ste
     return scheduler
 
 
+class StepClock:
+    """Times a few optimiser steps once the first of a session (loader start-up, allocation) is done, and
+    says once how long the rest of the run's steps will take at that speed."""
+    STEPS = 5
+
+    def __init__(self, step: int, total_steps: int, device: torch.device):
+        self.start_step, self.total_steps, self.device = step + 1, total_steps, device
+        self.started = 0.
+
+    def _now(self) -> float:
+        if self.device.type == 'cuda':  # kernels run asynchronously: wait for them before reading the clock
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def tick(self, step: int) -> str:
+        """After optimiser step ``step``: the estimate, once, when it has been measured; '' otherwise."""
+        if step == self.start_step:
+            self.started = self._now()
+        elif step == self.start_step + self.STEPS and step < self.total_steps:
+            per_step = (self._now() - self.started) / self.STEPS
+            left = per_step * (self.total_steps - step)
+            return (f'measured {per_step:.2f} s per step on {self.device.type}: the remaining '
+                    f'{self.total_steps - step} steps take about {_duration(left)}')
+        return ''
+
+
+def _duration(seconds: float) -> str:
+    """3725 -> '1 h 2 min', 95 -> '1.6 min', 12 -> '12 s'."""
+    if seconds >= 3600:
+        return f'{int(seconds // 3600)} h {round(seconds % 3600 / 60)} min'
+    return f'{seconds / 60:.1f} min' if seconds >= 60 else f'{seconds:.0f} s'
+
+
 class Trainer:
-    def __init__(self, task: Task, cfg: TrainConfig, device: torch.device, lock: RunLock):
-        self.task, self.cfg, self.device = task, cfg, device
+    def __init__(self, task: Task, cfg: TrainConfig, device: torch.device, lock: RunLock,
+                 choices: Sequence[Choice] = ()):
+        self.task, self.cfg, self.device, self.choices = task, cfg, device, list(choices)
         self.run_dir = Path(cfg.out)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.main = dist.is_main_process()
@@ -222,13 +260,18 @@ class Trainer:
         header = (f'# hatnet {__version__} {self.task.name} run; {self.world_size} process(es), global batch '
                   f'{self.cfg.batch_size * self.world_size * self.cfg.accum_steps}, effective lr {self.lr:.6g}, '
                   f'{self.steps_per_epoch} steps per epoch, {self.total_steps} steps in total\n')
+        # the auto recipe's reasons as comments: the file stays a recipe that --resume and --recipe read back
+        reasons = ''.join(f'# auto: {c.key} = {c.value} ({c.why})\n' for c in self.choices)
         body = yaml.safe_dump(config_dict(self.cfg, self.task.config), sort_keys=False)
-        write_text_atomic(self.run_dir / CONFIG_YAML, header + body)
+        write_text_atomic(self.run_dir / CONFIG_YAML, header + reasons + body)
 
     # ---------------------------------------------------------------- training
     def fit(self) -> Dict[str, Any]:
         self._print(f'{self.task.name}: {self.total_steps} steps ({self.steps_per_epoch} per epoch) on {self.device}'
                     f' x {self.world_size}, run directory {self.run_dir}')
+        for choice in self.choices:
+            self._print(f'  auto recipe: {choice.key} = {choice.value}  ({choice.why})')
+        clock = StepClock(self.step, self.total_steps, self.device)
         batches = None
         while self.step < self.total_steps:
             bar_start = self.step // self.bar_interval * self.bar_interval
@@ -238,6 +281,9 @@ class Trainer:
                     if batches is None:
                         batches = self._epoch_batches()
                     self._train_step([next(batches) for _ in range(self.cfg.accum_steps)], bar)
+                    estimate = clock.tick(self.step)
+                    if estimate:
+                        self._print(estimate + self._evaluations_left())
                     self.batch_in_epoch += self.cfg.accum_steps
                     if self.batch_in_epoch == self.batches_per_epoch:
                         self.epoch, self.batch_in_epoch, batches = self.epoch + 1, 0, None
@@ -246,6 +292,11 @@ class Trainer:
             if self._eval_due():
                 self._evaluate_and_save()
         return self._finish()
+
+    def _evaluations_left(self) -> str:
+        count = len(range(self.step // self.eval_interval * self.eval_interval + self.eval_interval,
+                          self.total_steps, self.eval_interval)) + 1  # the last step is always evaluated
+        return f', plus {count} evaluation(s) on {len(self.val_loader.dataset)} images'
 
     def _eval_due(self) -> bool:
         return self.step % self.eval_interval == 0 or self.step == self.total_steps

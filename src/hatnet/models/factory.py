@@ -17,14 +17,12 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, HatNetError
-from ..fileio import load_file, unwrap_state_dict
+from ..fileio import RUN_FORMAT, load_file, run_checkpoint_file, unwrap_state_dict
 from .weights import check_fits
 
 __all__ = ['create', 'freeze_stages', 'read_weights']
 
 Weights = Union[str, Path, Mapping[str, torch.Tensor]]
-RUN_FORMAT = 'hatnet-run'   # engine.checkpoint.FORMAT: a training run's checkpoint
-RUN_BEST = 'best.pth'       # engine.checkpoint.BEST: what a run directory means
 
 
 def create(
@@ -36,6 +34,7 @@ def create(
         out_indices: Optional[Sequence[int]] = None,
         drop_path_rate: Optional[float] = None,
         frozen_stages: int = 0,
+        source: str = '',
         **kwargs,
 ) -> nn.Module:
     """A timm model, with ``weights`` loaded strictly.
@@ -49,6 +48,7 @@ def create(
         out_indices: the feature levels to return (negative: counted from the last); default: all.
         drop_path_rate: stochastic depth (None: the model's default).
         frozen_stages: freeze the stem and this many stages (see :func:`freeze_stages`).
+        source: what to call state_dict ``weights`` in messages (e.g. the file they were read from).
         **kwargs: passed to ``timm.create_model`` (``in_chans``, ``drop_rate``, ``img_size``, ...).
     """
     if not timm.is_model(name):
@@ -65,8 +65,8 @@ def create(
     if weights is None:
         model = _timm_create(name, **(kwargs if num_classes is None else dict(kwargs, num_classes=num_classes)))
     else:
-        state_dict, source = read_weights(weights)
-        model = _create_with_weights(name, state_dict, source, num_classes, kwargs)
+        state_dict, read_from = read_weights(weights)
+        model = _create_with_weights(name, state_dict, source or read_from, num_classes, kwargs)
     freeze_stages(model, frozen_stages)
     return model
 
@@ -75,11 +75,7 @@ def read_weights(weights: Weights) -> Tuple[Dict[str, torch.Tensor], str]:
     """(state_dict, description for messages) from a checkpoint file, a run directory or a state_dict."""
     if isinstance(weights, Mapping):
         return unwrap_state_dict(weights, source='state_dict'), 'state_dict'
-    path = Path(weights)
-    if path.is_dir():
-        if not (path / RUN_BEST).is_file():
-            raise CheckpointError(f'{path} is a folder without {RUN_BEST}: give a checkpoint file or a run directory')
-        path = path / RUN_BEST
+    path = run_checkpoint_file(weights)
     checkpoint = load_file(path)
     if isinstance(checkpoint, dict) and checkpoint.get('format') == RUN_FORMAT \
             and checkpoint.get('task') != 'classification':

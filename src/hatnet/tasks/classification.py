@@ -225,7 +225,7 @@ def _load_weights_file(run: RunCheckpoint, device, model_name: Optional[str], im
     classifier = getattr(timm.models.get_pretrained_cfg(model_name), 'classifier', None) or 'head'
     if f'{classifier}.weight' not in weights:
         raise CheckpointError(f'{run.path} has no classifier ({classifier}.weight): not a classification checkpoint')
-    model = create(model_name, run.path)  # as many classes as the checkpoint's classifier has
+    model = create(model_name, weights, source=str(run.path))  # as many classes as its classifier has
     data_config = eval_data_config(model_name, img_size or default_img_size(model_name))
     return ClassificationPredictor(model, class_names_for(model.num_classes), device, model_name=model_name,
                                    data_config=data_config)
