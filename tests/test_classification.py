@@ -110,6 +110,40 @@ def test_predict_gives_named_top_k(run, folder, capsys):
     assert 'probability' in capsys.readouterr().out
 
 
+def test_predict_takes_folders_and_patterns_and_writes_pictures_and_a_csv(run, folder, tmp_path, capsys):
+    import csv
+    capsys.readouterr()
+    # a folder (recursive: val/blue, val/green, val/red) and a quoted pattern that names some of them again
+    assert hatnet('predict', folder / 'val', str(folder / 'val' / 'red' / '*.png'), '--checkpoint', run,
+                  '--top-k', 2, '--out', tmp_path / 'out', '--json') == 0
+    results = json.loads(capsys.readouterr().out)
+    every = sorted((folder / 'val').rglob('*.png'))
+    assert [r['image'] for r in results] == [str(p) for p in every]  # each image once, in order
+    # equal stems (blue/0.png, red/0.png) get names from their folders, one picture each
+    pictures = sorted(p.name for p in (tmp_path / 'out').glob('*.png'))
+    assert pictures == sorted(f'{p.parent.name}_{p.stem}.png' for p in every)
+    picture = Image.open(tmp_path / 'out' / 'red_0.png')
+    assert picture.height == 384 and picture.width > 384  # the image, and the bars beside it
+    with open(tmp_path / 'out' / 'predictions.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * len(every) and rows[0]['image'] == str(every[0])
+    assert rows[0]['class'] == results[0]['predictions'][0]['name']
+    # nothing is replaced without --overwrite; a pattern matching nothing is one line
+    assert hatnet('predict', folder / 'val', '--checkpoint', run, '--out', tmp_path / 'out') == 2
+    assert hatnet('predict', str(tmp_path / 'nothing' / '*.jpg'), '--checkpoint', run) == 2
+    assert 'matches no image' in capsys.readouterr().err
+
+
+def test_predict_checks_every_image_before_writing_anything(run, folder, tmp_path, capsys):
+    images = tmp_path / 'images'
+    shutil.copytree(folder / 'val' / 'red', images)
+    data = (images / '3.png').read_bytes()
+    (images / '3.png').write_bytes(data[:len(data) // 2])  # truncated
+    assert hatnet('predict', images, '--checkpoint', run, '--out', tmp_path / 'out', '--batch-size', 1) == 2
+    assert '3.png' in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists() or not any((tmp_path / 'out').iterdir())
+
+
 def test_predict_uses_imagenet_names_for_1000_classes(tmp_path, folder, capsys):
     from hatnet.convert import convert_checkpoint
     torch.save({'model': reference_state_dict('tiny', 1)}, tmp_path / 'original.pth')

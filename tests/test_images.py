@@ -99,3 +99,16 @@ def test_unreadable_files_are_one_error_naming_the_file(tmp_path, monkeypatch):
     truncated.write_bytes(truncated.read_bytes()[:400])
     with pytest.raises(InputError, match='cannot read image .*truncated.jpg'):
         read_image(truncated)
+
+
+def test_find_images_expands_folders_and_patterns_and_names_what_is_missing(tmp_path):
+    from hatnet.data.images import find_images
+    for name in ('b/2.png', 'a/1.JPG', 'a/notes.txt', '.cache/3.png', 'a/.hidden.png', 'c/d/4.webp'):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b'')
+    assert find_images([tmp_path]) == [tmp_path / p for p in ('a/1.JPG', 'b/2.png', 'c/d/4.webp')]
+    assert find_images([str(tmp_path / '**' / '*.png'), tmp_path / 'b' / '2.png']) == [tmp_path / 'b/2.png']
+    with pytest.raises(InputError, match='no such file or folder'):
+        find_images([tmp_path / 'missing.png'])
+    with pytest.raises(InputError, match='matches no image'):
+        find_images([str(tmp_path / '*.gif')])

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..engine.run_dir import check_outputs
+from ..engine.run_dir import check_output_folder, check_outputs
 from ..errors import HatNetError
 from ..fileio import write_csv_atomic
 from .app import app, console as output_console
@@ -92,23 +92,47 @@ def evaluate(
 
 @app.command('predict')
 def predict_command(
-        images: List[Path] = typer.Argument(..., help='Image files.'),
+        images: List[str] = typer.Argument(..., help='Image files, folders (every image below them) or quoted '
+                                                     "patterns such as 'photos/**/*.jpg'."),
         checkpoint: Path = typer.Option(..., help='Run directory, checkpoint file, or original HAT-Net .pth.'),
         model: Optional[str] = typer.Option(None, help='Model name, for weights files of non-HAT-Net models.'),
         top_k: int = typer.Option(5, min=1, help='Classes per image.'),
         img_size: Optional[int] = typer.Option(None, help="(default: the checkpoint's)"),
+        out: Optional[Path] = typer.Option(None, help='Also write predictions.csv and a picture per image (the image '
+                                                      'with its top-k bars) to this folder.'),
+        overwrite: bool = typer.Option(False, help='Replace files in --out that exist.'),
+        batch_size: int = typer.Option(32, min=1, help='Images per forward pass.'),
         json_output: bool = typer.Option(False, '--json', help='Print JSON instead of a table.'),
         device: str = typer.Option('auto', help='auto | cpu | cuda.'),
 ):
     """Top-k classes with names for each image (dataset names from our checkpoints, ImageNet names offline)."""
+    from ..data.images import find_images
+    from ..fileio import atomic_write
     from ..tasks.classification import ClassificationTask
+    from ..tasks.predictor import checked_batches, unique_stems
 
+    files = find_images(images)
+    names = unique_stems(files)
+    if out is not None:
+        check_output_folder(out)
+        check_outputs([out / 'predictions.csv', *(out / f'{name}.png' for name in names)], overwrite)
     predictor = ClassificationTask.load(checkpoint, device, model=model, img_size=img_size)
-    results = predictor.predict(images, top_k=top_k)
+    results, pictures = [], iter(names)
+    for batch in checked_batches(files, batch_size, progress=not json_output):
+        for result in predictor.predict(batch, top_k=top_k, batch_size=batch_size):
+            results.append(result)
+            if out is not None:
+                drawn = result.draw()
+                atomic_write(out / f'{next(pictures)}.png', lambda tmp: drawn.save(tmp, format='PNG'))
+    if out is not None:
+        write_csv_atomic(out / 'predictions.csv', ['image', 'rank', 'class', 'index', 'probability'],
+                         [[r.image, rank, name, i, f'{p:.6f}'] for r in results
+                          for rank, (i, name, p) in enumerate(zip(r.indices, r.labels, r.scores), 1)])
     if json_output:
         print(json.dumps([r.to_dict() for r in results]))
         return
-    table = Table(title=f'{predictor.model_name}: top-{top_k}')
+    table = Table(title=f'{predictor.model_name}: top-{top_k}' + (f' (pictures and predictions.csv in {out})'
+                                                                    if out is not None else ''))
     for column in ('image', 'rank', 'class', 'probability'):
         table.add_column(column, justify='right' if column in ('rank', 'probability') else 'left')
     for r in results:

@@ -11,8 +11,9 @@
   (:func:`check_image_file`, :func:`image_size`: the header and what Pillow can verify without decoding), so
   a broken file stops a run before its first step, not in the middle of an evaluation.
 """
+import glob
 from pathlib import Path
-from typing import Tuple, Type, Union
+from typing import List, Sequence, Tuple, Type, Union
 
 import numpy as np
 import torch
@@ -22,9 +23,12 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from ..errors import HatNetError, InputError
 
-__all__ = ['ImageSource', 'check_image_file', 'image_size', 'read_image', 'read_image_tensor']
+__all__ = ['IMAGE_EXTENSIONS', 'ImageSource', 'check_image_file', 'find_images', 'image_size', 'read_image',
+           'read_image_tensor']
 
 ImageSource = Union[str, Path, Image.Image, np.ndarray]
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+GLOB_CHARACTERS = set('*?[')
 
 EXIF_ORIENTATION = 0x0112
 TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # rotated by 90 degrees: width and height swap
@@ -53,6 +57,32 @@ def read_image(source: ImageSource, error: Type[HatNetError] = InputError) -> Im
 def read_image_tensor(source: ImageSource, error: Type[HatNetError] = InputError) -> torch.Tensor:
     """:func:`read_image` as a uint8 (3, H, W) ``tv_tensors.Image``."""
     return tv_tensors.Image(pil_to_tensor(read_image(source, error)))
+
+
+def find_images(inputs: Sequence[Union[str, Path]]) -> List[Path]:
+    """The image files that command-line inputs name, in order, each once: a file is itself; a folder is every
+    image below it (sorted, any depth, hidden files and folders left out); a pattern such as ``'photos/*.jpg'``
+    or ``'data/**/*.png'`` (quoted, so that hatnet expands it) its matches. A missing input, or one that names
+    no image, is an InputError."""
+    found: List[Path] = []
+    for item in map(str, inputs):
+        path = Path(item)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                           and not any(part.startswith('.') for part in p.relative_to(path).parts))
+            what = f'folder {path}'
+        elif path.exists():
+            files = [path]
+        elif GLOB_CHARACTERS & set(item):
+            files = sorted(Path(p) for p in glob.glob(item, recursive=True)
+                           if Path(p).suffix.lower() in IMAGE_EXTENSIONS and Path(p).is_file())
+            what = f'pattern {item!r}'
+        else:
+            raise InputError(f'no such file or folder: {item}')
+        if not files:
+            raise InputError(f'{what} matches no image ({", ".join(IMAGE_EXTENSIONS)})')
+        found += files
+    return list(dict.fromkeys(found))
 
 
 def check_image_file(path, error: Type[HatNetError] = InputError) -> None:

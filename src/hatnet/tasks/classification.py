@@ -14,11 +14,13 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from timm.data import ImageNetInfo, Mixup, create_transform, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..drawing import bars_picture
 from ..data.classification import check_same_classes, classification_dataset, DIGITS
 from ..engine import Task, distributed, load_weights, worker_errors_unwrapped
 from ..engine.checkpoint import RunCheckpoint
@@ -298,6 +300,10 @@ class Classification(Prediction):
     indices: List[int]       # class indices (the model's outputs)
     scores: List[float]      # softmax probabilities
 
+    def draw(self) -> Image.Image:
+        """The input image with a bar per class of the top-k."""
+        return bars_picture(self.input_picture(), self.labels, self.scores)
+
     def to_dict(self) -> Dict[str, Any]:
         """What ``hatnet predict --json`` prints for the image."""
         return dict(image=self.image, predictions=[dict(index=i, name=name, probability=p)
@@ -328,8 +334,8 @@ class ClassificationPredictor(Predictor):
             batch = torch.stack([self.transform(picture) for _, picture in chunk]).to(self.device)
             probs = self.model(batch).float().softmax(1).cpu()
             values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
-            results += [Classification(source, [self.class_names[i] for i in row], row, scores)
-                        for (source, _), row, scores in zip(chunk, indices.tolist(), values.tolist())]
+            results += [Classification(source, [self.class_names[i] for i in row], row, scores, picture=picture)
+                        for (source, picture), row, scores in zip(chunk, indices.tolist(), values.tolist())]
         return results
 
     def evaluate(self, data: str, split: str = 'val', batch_size: int = 64, workers: int = 2) -> Dict[str, Any]:

@@ -10,15 +10,17 @@ device, with the run's class names, and two methods of the same shape for every 
 uint8 or (H, W) grayscale; all are read (:func:`hatnet.data.images.read_image`) before any is predicted,
 so one unreadable file fails the call before any work is done.
 """
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from tqdm import tqdm
 
 from ..data.images import ImageSource, read_image
 from ..engine.checkpoint import RunCheckpoint, load_run_checkpoint
@@ -26,8 +28,8 @@ from ..engine.distributed import resolve_device
 from ..errors import CheckpointError, InputError
 from ..models.runtime import optimize_for_cpu
 
-__all__ = ['ImageSource', 'Images', 'Prediction', 'Predictor', 'check_resized_size', 'read_inputs', 'read_run',
-           'unique_stems']
+__all__ = ['ImageSource', 'Images', 'Prediction', 'Predictor', 'check_resized_size', 'checked_batches', 'read_inputs',
+           'read_run', 'unique_stems']
 
 Images = Union[ImageSource, Sequence[ImageSource]]
 
@@ -112,9 +114,28 @@ def read_run(run_or_checkpoint, task: str, bare_weights: bool = False) -> RunChe
 
 
 def unique_stems(paths: Sequence[Union[str, Path]]) -> List[str]:
-    """The file stems of ``paths``, for outputs named after their inputs; two equal stems are an InputError."""
-    stems = [Path(p).stem for p in paths]
-    duplicate = next((s for s in stems if stems.count(s) > 1), None)
+    """Names for the outputs of ``paths``: their stems, or, where two stems are equal (``a/cat.jpg``,
+    ``b/cat.jpg``), the path below the inputs' common folder with ``_`` for the separators (``a_cat``)."""
+    paths = [Path(p).absolute() for p in paths]
+    stems = [p.stem for p in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    root = Path(os.path.commonpath([p.parent for p in paths]))
+    names = [p.stem if stems.count(p.stem) == 1 else '_'.join(p.relative_to(root).with_suffix('').parts)
+             for p in paths]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate is not None:
-        raise InputError(f'two input images have the stem {duplicate!r}; their outputs would overwrite each other')
-    return stems
+        raise InputError(f'two input images would both write outputs named {duplicate!r}; rename one')
+    return names
+
+
+def checked_batches(files: Sequence[Path], batch_size: int, progress: bool = True) -> Iterator[List[Path]]:
+    """``files`` in batches for prediction, after every one has been read once: a broken image anywhere stops
+    the command (one line naming it) before any output is written. Progress bars on stderr."""
+    for path in tqdm(files, desc='reading', unit='image', disable=not progress or len(files) < 2, leave=False):
+        read_image(path)
+    with tqdm(total=len(files), desc='predicting', unit='image', disable=not progress or len(files) < 2) as bar:
+        for start in range(0, len(files), batch_size):
+            batch = list(files[start:start + batch_size])
+            yield batch
+            bar.update(len(batch))
