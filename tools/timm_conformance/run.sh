@@ -3,7 +3,9 @@
 # models, the same tests timm runs for pvt_v2. Extra arguments go to pytest, e.g. `-k "hat_net_tiny"`.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-python=${PYTHON:-python}
+python=$(command -v "${PYTHON:-python}")
+# an absolute path: the tests run from another folder (a venv's python must keep its own path, not its target)
+python="$(cd "$(dirname "$python")" && pwd)/$(basename "$python")"
 version=$("$python" -c 'import timm; print(timm.__version__)')
 work=${TIMM_TESTS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/hatnet/timm-tests-$version}
 if [ ! -f "$work/test_models.py" ]; then
