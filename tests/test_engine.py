@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from hatnet.engine import Task, TrainConfig, build_configs, distributed, load_run_checkpoint, resolve_config, train
-from hatnet.errors import CheckpointError, HatNetError
+from hatnet.errors import CheckpointError, DatasetError, HatNetError
 
 
 @pytest.fixture(autouse=True)
@@ -362,3 +362,49 @@ def test_the_run_says_how_long_it_will_take_after_a_few_steps(tmp_path):
     per_step = float(line.split('measured ')[1].split(' s per step')[0])
     assert 0.05 <= per_step < 0.5  # the sleep dominates each step
     assert 'the remaining 24 steps take about' in line and 'plus 3 evaluation(s) on 40 images' in line
+
+
+class BreaksOnce(Dataset):
+    """A dataset whose ``reads``-th read fails while ``flag`` exists: a file that is broken (a truncated image
+    passes the checks of the headers) until someone replaces it."""
+
+    def __init__(self, dataset, reads: int, flag: Path):
+        self.dataset, self.reads, self.flag, self.count = dataset, reads, flag, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        self.count += 1
+        if self.count == self.reads and self.flag.exists():
+            raise DatasetError(f'cannot read image {i}.jpg: image file is truncated')
+        return self.dataset[i]
+
+
+class BrokenFileTask(ToyTask):
+    def __init__(self, flag: Path, split: int, reads: int):
+        super().__init__()
+        self.flag, self.split, self.reads = flag, split, reads
+
+    def build_datasets(self):
+        sets = list(super().build_datasets())
+        sets[self.split] = BreaksOnce(sets[self.split], self.reads, self.flag)
+        return tuple(sets)
+
+
+# 96 training samples (12 steps of 8 an epoch), 40 validation ones, evaluations at steps 8, 16, 20
+@pytest.mark.parametrize('split, reads', [(0, 100), (1, 1)], ids=['training image', 'validation image'])
+def test_a_file_that_breaks_mid_run_keeps_the_work_done_and_resume_ends_as_if_nothing_broke(tmp_path, split, reads):
+    settings = dict(iters=20, eval_every=8)
+    train(ToyTask(), _cfg(tmp_path / 'full', **settings))
+    flag = tmp_path / 'broken'
+    flag.touch()
+    with pytest.raises(DatasetError, match=r'truncated \(at step \d+; the run is saved'):
+        train(BrokenFileTask(flag, split, reads), _cfg(tmp_path / 'run', **settings))
+    saved = torch.load(tmp_path / 'run' / 'last.pth', weights_only=True)
+    assert saved['step'] == (12 if split == 0 else 8)
+    flag.unlink()  # the file is replaced
+    train(ToyTask(), _cfg(tmp_path / 'run', resume=True, **settings))
+    full, resumed = _params(tmp_path / 'full'), _params(tmp_path / 'run')
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert _rows(tmp_path / 'full') == _rows(tmp_path / 'run')

@@ -94,8 +94,15 @@ def worker_errors_unwrapped():
     try:
         yield
     except HatNetError as e:
-        lines = str(e).strip().splitlines()
-        if len(lines) > 1 and lines[0].startswith('Caught '):
-            message = re.sub(rf'^[\w.]*{type(e).__name__}: ', '', lines[-1])
+        message = worker_message(e)
+        if message != str(e):
             raise type(e)(message) from None
         raise
+
+
+def worker_message(error: Exception) -> str:
+    """The error's own message, also when a DataLoader worker wrapped it in its traceback."""
+    lines = str(error).strip().splitlines()
+    if len(lines) > 1 and lines[0].startswith('Caught '):
+        return re.sub(rf'^[\w.]*{type(error).__name__}: ', '', lines[-1])
+    return str(error)

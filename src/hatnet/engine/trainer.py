@@ -52,7 +52,7 @@ from . import distributed as dist
 from .checkpoint import BEST, FORMAT, LAST, capture_rng_state, load_weights, restore_rng_state
 from .fitting import Choice
 from .config import TRAIN_RANGES, TrainConfig, check_ranges, config_dict
-from .loaders import ResumableSampler, SeededDataset, ShardSampler, worker_errors_unwrapped
+from .loaders import ResumableSampler, SeededDataset, ShardSampler, worker_errors_unwrapped, worker_message
 from .logs import CURVES_PNG, RunLog, plot_curves
 from .run_dir import CONFIG_YAML, LOG_TXT, RunLock, check_start, prepare
 from .task import Task
@@ -271,6 +271,24 @@ class Trainer:
                     f' x {self.world_size}, run directory {self.run_dir}')
         for choice in self.choices:
             self._print(f'  auto recipe: {choice.key} = {choice.value}  ({choice.why})')
+        try:
+            self._train_to_the_end()
+        except DatasetError as e:
+            self._keep_work_done(e)
+        return self._finish()
+
+    def _keep_work_done(self, error: DatasetError) -> None:
+        """A file that broke in the middle of the run (a truncated JPEG passes the header checks and fails only
+        when decoded): save the steps done, so that replacing the file and ``--resume`` loses nothing."""
+        if self.step == 0 or dist.is_distributed():  # nothing to keep; ranks would wait for each other to save
+            raise error
+        self._save_last()
+        raise DatasetError(f'{worker_message(error)} (at step {self.step}; the run is saved: replace or remove the '
+                           f'file, then continue it with --resume)') from None
+
+    def _train_to_the_end(self) -> None:
+        if self.step and self._eval_due() and (not self.history or self.history[-1]['step'] != self.step):
+            self._evaluate_and_save()  # the evaluation a broken file interrupted (see _keep_work_done)
         clock = StepClock(self.step, self.total_steps, self.device)
         batches = None
         while self.step < self.total_steps:
@@ -291,7 +309,6 @@ class Trainer:
                         self._save_last()
             if self._eval_due():
                 self._evaluate_and_save()
-        return self._finish()
 
     def _evaluations_left(self) -> str:
         count = len(range(self.step // self.eval_interval * self.eval_interval + self.eval_interval,
