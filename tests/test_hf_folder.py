@@ -66,3 +66,14 @@ def test_an_existing_folder_is_kept_unless_asked(folder, run):
     assert (folder / 'model.safetensors').stat().st_mtime_ns == before
     save_hf_folder(run, folder, overwrite=True)
     assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no staging folder left behind
+
+
+def test_the_export_command_writes_the_folder_and_refuses_what_it_cannot(run, tmp_path):
+    code, out, err = hatnet('export', run, '--hf', tmp_path / 'hf')
+    assert code == 0, err
+    assert json.loads((tmp_path / 'hf' / 'config.json').read_text())['label_names'] == ['blue', 'green', 'red']
+    for args, message in [(('export', run, '--hf', tmp_path / 'hf'), 'exists already'),
+                          (('export', 'hat_net_tiny', '--hf', tmp_path / 'x'), 'give its run directory'),
+                          (('export', run, '--hf', tmp_path / 'y', '--onnx', tmp_path / 'y.onnx'), 'give one output')]:
+        code, _, err = hatnet(*args)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -14,7 +14,7 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -33,21 +33,23 @@ def export_onnx(
         path: os.PathLike,
         opset: int = DEFAULT_OPSET,
         example_size: Sequence[int] = (224, 224),
+        metadata: Optional[Dict[str, str]] = None,
 ) -> Path:
     """Write ``model`` (in eval mode, float32, on CPU) to ``path`` with dynamic batch, height and width.
 
     Input ``images`` (batch, channels, height, width), output ``output`` (its batch dimension, and for dense
-    outputs such as segmentation logits also its height and width, dynamic). Written atomically. ``model``
-    itself is not changed (a copy is exported). A model with hat_net modules refuses inputs under 32 x 32.
+    outputs such as segmentation logits (B, classes, H, W) or label maps (B, H, W) also its height and width,
+    dynamic). Written atomically. ``model`` itself is not changed (a copy is exported). A model with hat_net
+    modules refuses inputs under 32 x 32. ``metadata``: written to the file's metadata_props.
     """
-    if opset < MIN_OPSET:
-        raise HatNetError(f'opset {opset} is too old: the export needs opset >= {MIN_OPSET}')
+    check_opset(opset)
     path = Path(path)
     model = onnx_forms(model).eval().float().cpu()
     example = torch.randn(2, getattr(model, 'in_chans', 3), *example_size)
     with torch.no_grad():
         output_rank = model(example).dim()
-    output_axes = {0: 'batch', **({2: 'out_height', 3: 'out_width'} if output_rank == 4 else {})}
+    dense_axes = {4: {2: 'out_height', 3: 'out_width'}, 3: {1: 'out_height', 2: 'out_width'}}
+    output_axes = {0: 'batch', **dense_axes.get(output_rank, {})}
     min_size = MIN_INPUT_SIZE if any(isinstance(m, HierarchicalAttention) for m in model.modules()) else 0
 
     def write(tmp: str) -> None:
@@ -65,10 +67,23 @@ def export_onnx(
         _move_weights_into_loops(graph_model.graph)
         if min_size:
             _add_input_size_check(graph_model.graph, min_size)
+        set_metadata(graph_model, metadata or {})
         onnx.save(graph_model, tmp)
 
     atomic_write(path, write)
     return path
+
+
+def set_metadata(graph_model, metadata: Dict[str, str]) -> None:
+    """Key / value strings in an onnx ModelProto's metadata_props (what a user of the file needs to know)."""
+    for key, value in metadata.items():
+        entry = graph_model.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def check_opset(opset: int) -> None:
+    if opset < MIN_OPSET:
+        raise HatNetError(f'opset {opset} is too old: the export needs opset >= {MIN_OPSET}')
 
 
 def _move_weights_into_loops(graph) -> None:
@@ -107,6 +122,8 @@ def _add_input_size_check(graph, min_size: int) -> None:
 
     name = SIZE_CHECK.format(min_size)
     output = graph.output[0].name
+    # the factor takes the output's type: float logits, or int64 label maps
+    output_type = graph.output[0].type.tensor_type.elem_type or TensorProto.FLOAT
     unchecked = f'{output}_unchecked'
     for node in graph.node:
         node.output[:] = [unchecked if o == output else o for o in node.output]
@@ -114,7 +131,7 @@ def _add_input_size_check(graph, min_size: int) -> None:
         'Constant', [], [f'{name}/{key}'], value=helper.make_tensor(f'{name}/{key}', dtype, [1], [value]))
     check = [
         constant('min', min_size, TensorProto.INT64),
-        constant('one', 1.0, TensorProto.FLOAT),
+        constant('one', 1 if output_type == TensorProto.INT64 else 1.0, output_type),
         helper.make_node('Shape', [graph.input[0].name], [f'{name}/size'], start=2, end=4),
         helper.make_node('ReduceMin', [f'{name}/size'], [f'{name}/smallest'], keepdims=1),
         helper.make_node('GreaterOrEqual', [f'{name}/smallest', f'{name}/min'], [f'{name}/ok']),

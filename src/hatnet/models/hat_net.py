@@ -22,6 +22,13 @@ gives NCHW). On CPU the depth-wise and 1x1 convolutions are several times faster
 views of the projection that ``F.scaled_dot_product_attention`` reads directly, and its output is already
 the NHWC map: H-MHSA copies data only to gather and scatter the grid cells.
 
+Tracing tools: ``torch.fx`` tracers (timm's and torchvision's ``create_feature_extractor``) keep the input
+check and the local step as leaf calls. Under ``torch.compile`` and ``torch.export`` (``is_compiling()``) the
+model keeps NCHW and writes reshapes, the edge crop, the ceil-mode pooling and the cell mask in forms whose
+sizes the symbolic shape tracer derives without guards on divisibility or on the batch size's layout; with
+PyTorch's ``backed_size_oblivious`` (which stops it from asking whether a size is 1) one graph serves every
+batch and every size >= 33 (docs/export.md). The eager path is unchanged.
+
 The unused ``proj_norm``: the original attention creates a GroupNorm ``proj_norm`` that its forward never
 applies. It is in the released checkpoints and the published parameter counts, so it is kept; in training
 it joins the graph with a zero factor, added to ``proj``'s weight (C x C values, where adding it to the
@@ -49,7 +56,7 @@ __all__ = ['HatNet', 'checkpoint_filter_fn', 'VARIANT_ARGS', 'MIN_INPUT_SIZE']
 MIN_INPUT_SIZE = 32  # smallest image side accepted
 
 
-@register_notrace_function
+@register_notrace_function  # a leaf for timm's feature extraction tracer
 def check_image_batch(x: torch.Tensor, in_chans: int, min_size: int = MIN_INPUT_SIZE) -> None:
     """Reject inputs that are not (B, in_chans, H >= 32, W >= 32) with one clear message."""
     if x.dim() != 4:
@@ -61,6 +68,12 @@ def check_image_batch(x: torch.Tensor, in_chans: int, min_size: int = MIN_INPUT_
     if x.shape[2] < min_size or x.shape[3] < min_size:
         raise InputError('image is too small: ' + str(x.shape[2]) + 'x' + str(x.shape[3])
                          + ', HAT-Net needs at least ' + str(min_size) + 'x' + str(min_size))
+
+
+# leaves for every torch.fx tracer (torchvision's create_feature_extractor too): their Python decides on sizes;
+# the check returns nothing, so it is marked as a side effect, which dead-code elimination keeps
+torch.fx.wrap('check_image_batch')
+torch.fx.node.has_side_effect(check_image_batch)
 
 
 class GroupNorm1(nn.GroupNorm):
@@ -76,9 +89,37 @@ class GroupNorm1(nn.GroupNorm):
         super().__init__(1, num_channels, eps=eps, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # compilers write their own reduction; the views of the channels_last form would make symbolic
+            # shape tracers guard on the map size and layout
+            return F.group_norm(x, 1, self.weight, self.bias, self.eps)
         x = x.permute(0, 2, 3, 1)  # (B, H, W, C), a view of the channels_last map
         normed = F.group_norm(x.reshape(x.shape[0], 1, -1), 1, eps=self.eps).view(x.shape)
         return torch.addcmul(self.bias, normed, self.weight).permute(0, 3, 1, 2)
+
+
+def _reshape(x: torch.Tensor, shape: List[int]) -> torch.Tensor:
+    """``x.reshape(shape)``; when compiling or exporting, a contiguous copy viewed with ``as_strided``.
+
+    There ``reshape`` decides between a view and a copy from symbolic strides, with guards on the map size
+    (divisibility, whether a number of grid cells is 1) that pin sizes or fail ``torch.export``; the copy
+    has strides known by construction. Eager runs keep ``reshape``.
+    """
+    if not torch.compiler.is_compiling():
+        return x.reshape(shape)
+    strides = [1] * len(shape)
+    for i in range(len(shape) - 1, 0, -1):
+        strides[i - 1] = strides[i] * shape[i]
+    return x.clone(memory_format=torch.contiguous_format).as_strided(shape, strides)
+
+
+def _nchw(x: torch.Tensor) -> torch.Tensor:
+    """``x``; when compiling or exporting, copied to NCHW, the layout of the whole compiled graph.
+
+    A convolution whose input may be channels_last or NCHW makes symbolic shape tracers choose its layout
+    with a guard on the batch size (whether it is 1), which would fix the batch size.
+    """
+    return x.clone(memory_format=torch.contiguous_format) if torch.compiler.is_compiling() else x
 
 
 def _to_heads(x: torch.Tensor, parts: int, num_heads: int, head_dim: int) -> torch.Tensor:
@@ -86,34 +127,39 @@ def _to_heads(x: torch.Tensor, parts: int, num_heads: int, head_dim: int) -> tor
 
     Channels are ordered [part][head][head_dim], the order of the original 1x1 q/k/v projections.
     """
-    return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, parts, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    B, _, H, W = x.shape
+    return _reshape(x.permute(0, 2, 3, 1), [B, H * W, parts, num_heads, head_dim]).permute(2, 0, 3, 1, 4)
 
 
 def _from_heads(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(B, heads, H * W, head_dim) -> (B, heads * head_dim, H, W) in channels_last, a view of SDPA's output."""
     B, num_heads, _, head_dim = x.shape
-    return x.transpose(1, 2).reshape(B, height, width, num_heads * head_dim).permute(0, 3, 1, 2)
-
-
-def _grid_padding(height: int, width: int, grid_size: int) -> Tuple[int, int]:
-    """Rows and columns of zeros that complete the bottom / right edge cells of a grid_size grid."""
-    return (grid_size - height % grid_size) % grid_size, (grid_size - width % grid_size) % grid_size
+    return _nchw(_reshape(x.transpose(1, 2), [B, height, width, num_heads * head_dim]).permute(0, 3, 1, 2))
 
 
 def _grid_cells(height: int, width: int, grid_size: int) -> Tuple[int, int]:
     """Rows and columns of grid cells that cover a height x width map (ragged edge cells included)."""
-    pad_h, pad_w = _grid_padding(height, width, grid_size)
-    return (height + pad_h) // grid_size, (width + pad_w) // grid_size
+    # ceiling division: the padded sides are then rows * G and cols * G by construction, which symbolic
+    # shape tracers (torch.export, torch.compile) need to split them into cells without divisibility guards
+    return (height + grid_size - 1) // grid_size, (width + grid_size - 1) // grid_size
+
+
+def _grid_padding(height: int, width: int, grid_size: int) -> Tuple[int, int]:
+    """Rows and columns of zeros that complete the bottom / right edge cells of a grid_size grid."""
+    rows, cols = _grid_cells(height, width, grid_size)
+    return rows * grid_size - height, cols * grid_size - width
 
 
 def _cell_key_mask(height: int, width: int, grid_size: int, device: torch.device) -> torch.Tensor:
     """(cells, 1, 1, G * G): True for each cell's keys that lie inside the height x width map (cells row-major)."""
-    pad_h, pad_w = _grid_padding(height, width, grid_size)
     rows, cols = _grid_cells(height, width, grid_size)
-    valid = (torch.arange(height + pad_h, device=device) < height)[:, None] & \
-        (torch.arange(width + pad_w, device=device) < width)
-    valid = valid.reshape(rows, grid_size, cols, grid_size).transpose(1, 2)
-    return valid.reshape(rows * cols, 1, 1, grid_size * grid_size)
+    # the map row and column of every (cell, key), computed in the mask's shape: reshaping the padded map
+    # into cells would make symbolic shape tracers guard on the number of cells
+    cell = torch.arange(rows * cols, device=device)[:, None]
+    key = torch.arange(grid_size * grid_size, device=device)
+    row = cell // cols * grid_size + key // grid_size
+    col = cell % cols * grid_size + key % grid_size
+    return ((row < height) & (col < width))[:, None, None, :]
 
 
 def _gather_cells(
@@ -137,8 +183,8 @@ def _gather_cells(
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or pad_h > 0 or pad_w > 0:
         qkv = F.pad(qkv, (0, 0, 0, pad_w, 0, pad_h))
         key_mask = _cell_key_mask(H, W, grid_size, qkv.device).repeat(B, 1, 1, 1)
-    qkv = qkv.reshape(B, rows, grid_size, cols, grid_size, C3).transpose(2, 3)
-    qkv = qkv.reshape(B * rows * cols, grid_size * grid_size, 3, num_heads, C3 // 3 // num_heads)
+    qkv = _reshape(qkv, [B, rows, grid_size, cols, grid_size, C3]).transpose(2, 3)
+    qkv = _reshape(qkv, [B * rows * cols, grid_size * grid_size, 3, num_heads, C3 // 3 // num_heads])
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     return q, k, v, key_mask
 
@@ -155,8 +201,31 @@ def grid_attention(qkv: torch.Tensor, grid_size: int, num_heads: int) -> torch.T
     x = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B * cells, heads, G * G, head_dim)
     # scatter the cells back: (B, rows, cols, G, G, C) -> (B, rows * G, cols * G, C), cropped to H x W
     rows, cols = _grid_cells(H, W, grid_size)
-    x = x.transpose(1, 2).reshape(B, rows, cols, grid_size, grid_size, C3 // 3).transpose(2, 3)
-    return x.reshape(B, rows * grid_size, cols * grid_size, C3 // 3)[:, :H, :W].permute(0, 3, 1, 2)
+    x = _reshape(x.transpose(1, 2), [B, rows, cols, grid_size, grid_size, C3 // 3]).transpose(2, 3)
+    return _nchw(_crop(_reshape(x, [B, rows * grid_size, cols * grid_size, C3 // 3]), H, W).permute(0, 3, 1, 2))
+
+
+def _crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The top-left height x width part of a (B, H', W', C) map with H' >= height and W' >= width."""
+    if torch.compiler.is_compiling():
+        # as a negative padding, whose output size is exactly (height, width) for a symbolic shape tracer;
+        # a slice would need a guard that the map is at least that large, which the tracer cannot prove
+        return F.pad(x, (0, 0, 0, width - x.shape[2], 0, height - x.shape[1]))
+    return x[:, :height, :width]  # a view
+
+
+def _padded_average_pool(x: torch.Tensor, ratio: int) -> torch.Tensor:
+    """``ratio`` x ``ratio`` average pooling in ceil mode (ragged edge windows average their valid pixels),
+    written as window sums of the zero-padded map divided by the number of valid pixels of each window: the
+    same values, without the ceil-mode output-size rule, whose guard (the last window starts inside the
+    map) symbolic shape tracers cannot prove. Used when compiling or exporting."""
+    pad_h, pad_w = _grid_padding(x.shape[2], x.shape[3], ratio)
+    sums = F.avg_pool2d(F.pad(x, (0, pad_w, 0, pad_h)), ratio, ratio, divisor_override=1)
+    valid = F.pad(torch.ones_like(x[:1, :1]), (0, pad_w, 0, pad_h))
+    return sums / F.avg_pool2d(valid, ratio, ratio, divisor_override=1)
+
+
+torch.fx.wrap('grid_attention')
 
 
 def _attention_probs(q: torch.Tensor, k: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -237,7 +306,8 @@ class HierarchicalAttention(nn.Module):
     def _global_qkv(self, local: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries from every token of the locally attended map, keys and values from its pooled copy."""
         q = _to_heads(self.q(local), 1, self.num_heads, self.head_dim)[0]
-        k, v = _to_heads(self.kv(self.ds_norm(self.pool(local))), 2, self.num_heads, self.head_dim).unbind(0)
+        pooled = _padded_average_pool(local, self.pool.stride) if torch.compiler.is_compiling() else self.pool(local)
+        k, v = _to_heads(self.kv(self.ds_norm(pooled)), 2, self.num_heads, self.head_dim).unbind(0)
         return q, k, v
 
     @torch.jit.ignore
@@ -340,7 +410,8 @@ class Stem(nn.Module):
         check_image_batch(x, self.in_chans)
         # channels_last from here on: on CPU the depth-wise convolutions and the 1x1 projections are several
         # times faster in NHWC, and the attention can read heads out of the qkv maps without copies
-        x = x.contiguous(memory_format=torch.channels_last)
+        if not torch.compiler.is_compiling():  # compiled graphs stay NCHW (see _nchw); compilers pick layouts
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.conv2(self.act(self.norm1(self.conv1(x))))
 
 

@@ -8,9 +8,10 @@ the MLP is per image, so the output is the whole batch's.
 
 ``optimize_for_cpu(model)`` switches a model to this form in place. It is always safe to apply: the sliced
 MLP runs the whole batch in training, on other devices, and under torch.compile and tracing (their graphs
-must not depend on the batch size); torch.fx keeps it as one call, and torch.jit.script puts the plain
-whole-batch MLP back in its place. The ONNX export writes the same slicing as a loop over the batch with
-its own budget (``hatnet.export.hat_net_onnx``), using the same ``images_per_slice`` rule.
+must not depend on the batch size); timm's torch.fx tracer keeps it as one call, other torch.fx tracers
+get the whole-batch MLP, and torch.jit.script puts the plain whole-batch MLP back in its place. The ONNX
+export writes the same slicing as a loop over the batch with its own budget (``hatnet.export.hat_net_onnx``),
+using the same ``images_per_slice`` rule.
 """
 import copy
 
@@ -30,7 +31,7 @@ def images_per_slice(x: torch.Tensor, hidden_channels: int, value_bytes: int, sl
     return max(1, slice_bytes // (x.shape[2] * x.shape[3] * hidden_channels * value_bytes))
 
 
-@register_notrace_module  # the number of slices depends on tensor sizes: torch.fx keeps the module as one call
+@register_notrace_module  # the number of slices depends on tensor sizes: timm's fx tracer keeps one call
 class SlicedInvertedResidual(InvertedResidual):
     """``InvertedResidual`` that runs eager CPU inference on slices of at most ``slice_bytes`` hidden map."""
     slice_bytes: int = SLICE_BYTES
@@ -38,6 +39,10 @@ class SlicedInvertedResidual(InvertedResidual):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # training keeps every hidden map for autograd anyway, traced / compiled graphs must not depend on
         # the batch size, and other devices do not share this cache effect
+        if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+            # torch.fx tracers other than timm's (e.g. torchvision's create_feature_extractor) trace into the
+            # module: they get the whole-batch MLP, whose graph does not depend on sizes
+            return super().forward(x)
         if self.training or x.device.type != 'cpu' or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return super().forward(x)
         n = images_per_slice(x, self.fc1.out_channels, x.element_size(), self.slice_bytes)
