@@ -1,99 +1,67 @@
-"""A small COCO-format dataset of coloured shapes, written for the detection tests and benchmarks.
+"""The detection tests' dataset: ``hatnet det shapes`` data (hatnet.data.detection.write_shapes_dataset) made to
+exercise every part of the COCO format the loader reads.
 
-Every image has a noisy grey background and 1-3 (max_shapes) shapes (rectangle, triangle, disc: one colour family each)
-annotated with their box and polygon; one annotation per split is stored as compressed RLE and one as
-uncompressed RLE, and each split has one image without any shape.
-
-    python tests/detection_shapes.py DIR [--train N] [--val N] [--size H W]
+On top of the generated scenes (circles, squares, triangles in random colours, RLE masks): the category ids
+become 3, 7, 9 (not 1..K, so the mapping to labels and back is tested), in each split one annotation is stored
+as a polygon (its box's four corners, area recomputed) and one as uncompressed RLE, and each split gets one
+image without any shape (the last image of the split). Image ids are 1000, 1001, ... in each split.
 """
-import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from pycocotools import mask as mask_utils
 
-CATEGORIES = [dict(id=3, name='rectangle'), dict(id=7, name='triangle'), dict(id=9, name='disc')]
-COLOURS = {3: (220, 40, 40), 7: (40, 200, 40), 9: (40, 60, 230)}
+from hatnet.data.detection import write_shapes_dataset as write_generated
+from hatnet.data.shapes import SHAPE_CLASSES
+
+CATEGORY_IDS = {1: 3, 2: 7, 3: 9}
+CATEGORIES = [dict(id=CATEGORY_IDS[i], name=name) for i, name in enumerate(SHAPE_CLASSES, start=1)]
 
 
-def _shape_polygon(category_id, cx, cy, r, angle):
-    if category_id == 3:
-        corners = [(-1, -0.6), (1, -0.6), (1, 0.6), (-1, 0.6)]
-    elif category_id == 7:
-        corners = [(math.cos(a), math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
-    else:
-        corners = [(math.cos(a), math.sin(a)) for a in np.linspace(0, 2 * math.pi, 24, endpoint=False)]
-    c, s = math.cos(angle), math.sin(angle)
-    return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in corners]
-
-
-def _write_split(root, split, count, size, radius, max_shapes, rng, first_ann_id):
-    height, width = size
-    (root / split).mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
-    ann_id = first_ann_id
-    for index in range(count):
-        image_id = 1000 + index
-        pixels = rng.normal(128, 20, (height, width, 3)).clip(0, 255).astype(np.uint8)
-        image = Image.fromarray(pixels)
-        draw = ImageDraw.Draw(image)
-        num_shapes = 0 if index == count - 1 else rng.integers(1, max_shapes + 1)
-        for _ in range(num_shapes):
-            category_id = int(rng.choice([c['id'] for c in CATEGORIES]))
-            r = rng.uniform(*radius) * min(height, width)
-            margin = 1.2 * r  # rectangle corners reach 1.17 r from the centre
-            cx, cy = rng.uniform(margin, width - margin), rng.uniform(margin, height - margin)
-            polygon = _shape_polygon(category_id, cx, cy, r, rng.uniform(0, math.pi))
-            colour = tuple(int(np.clip(v + rng.integers(-25, 26), 0, 255)) for v in COLOURS[category_id])
-            draw.polygon(polygon, fill=colour)
-            flat = [round(float(v), 2) for point in polygon for v in point]
-            xs, ys = flat[0::2], flat[1::2]
-            rle = mask_utils.frPyObjects([flat], height, width)[0]
-            segmentation = [flat]
-            if ann_id == first_ann_id + 1:
-                segmentation = dict(size=rle['size'], counts=rle['counts'].decode('ascii'))
-            elif ann_id == first_ann_id + 2:
-                decoded = mask_utils.decode(rle).flatten(order='F')  # column-major, as RLE counts run
-                changes = np.flatnonzero(decoded[1:] != decoded[:-1]) + 1
-                runs = np.diff(np.r_[0, changes, decoded.size]).tolist()
-                segmentation = dict(size=[height, width], counts=([0] if decoded[0] else []) + runs)
-            annotations.append(dict(
-                id=ann_id, image_id=image_id, category_id=category_id, iscrowd=0,
-                bbox=[min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
-                area=float(mask_utils.area(rle)), segmentation=segmentation))
-            ann_id += 1
+def write_test_dataset(root, train=6, val=3, size=(96, 96), seed=0, max_shapes=3):
+    # the last image of each split is the empty one: train - 1 and val - 1 scenes
+    root = write_generated(root, train - 1, val - 1, size=size, seed=seed, max_shapes=max_shapes)
+    rng = np.random.default_rng(seed + 1000)
+    for split in ('train2017', 'val2017'):
+        path = root / 'annotations' / f'instances_{split}.json'
+        data = json.loads(path.read_text())
+        # ids 1000, 1001, ... in each split, files named after them
+        new_ids = {image['id']: 1000 + index for index, image in enumerate(data['images'])}
+        for image in data['images']:
+            image['id'] = new_ids[image['id']]
+            file_name = f'{image["id"]:06d}.png'
+            (root / split / image['file_name']).rename(root / split / file_name)
+            image['file_name'] = file_name
+        for ann in data['annotations']:
+            ann['image_id'] = new_ids[ann['image_id']]
+            ann['category_id'] = CATEGORY_IDS[ann['category_id']]
+        for category in data['categories']:
+            category['id'] = CATEGORY_IDS[category['id']]
+        anns = data['annotations']
+        polygon_ann = anns[1] if len(anns) > 2 else anns[0] if anns else None
+        uncompressed_ann = anns[2] if len(anns) > 2 else anns[-1] if len(anns) > 1 else None
+        if polygon_ann is not None:
+            image = next(i for i in data['images'] if i['id'] == polygon_ann['image_id'])
+            x, y, w, h = polygon_ann['bbox']
+            polygon = [x, y, x + w, y, x + w, y + h, x, y + h]
+            polygon_ann['segmentation'] = [polygon]
+            polygon_ann['area'] = float(mask_utils.area(mask_utils.frPyObjects([polygon], image['height'],
+                                                                              image['width'])[0]))
+        if uncompressed_ann is not None:
+            rle = uncompressed_ann['segmentation']
+            decoded = mask_utils.decode(dict(size=rle['size'], counts=rle['counts'].encode())).flatten(order='F')
+            changes = np.flatnonzero(decoded[1:] != decoded[:-1]) + 1  # RLE counts run down the columns
+            runs = np.diff(np.r_[0, changes, decoded.size]).tolist()
+            uncompressed_ann['segmentation'] = dict(size=rle['size'], counts=([0] if decoded[0] else []) + runs)
+        height, width = size[0], size[-1]
+        image_id = 1000 + len(data['images'])
         file_name = f'{image_id:06d}.png'
-        image.save(root / split / file_name)
-        images.append(dict(id=image_id, file_name=file_name, width=width, height=height))
-    (root / 'annotations').mkdir(exist_ok=True)
-    data = dict(images=images, annotations=annotations, categories=CATEGORIES)
-    (root / 'annotations' / f'instances_{split}.json').write_text(json.dumps(data))
-    return ann_id
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / split / file_name)
+        data['images'].append(dict(id=image_id, file_name=file_name, width=width, height=height))
+        path.write_text(json.dumps(data))
+    return Path(root)
 
 
-def write_shapes_dataset(root, train=32, val=8, size=(96, 128), radius=(0.12, 0.25), max_shapes=3, seed=0,
-                         splits=('train2017', 'val2017')):
-    """Write the dataset under ``root`` in the COCO 2017 layout; returns ``root``.
-
-    ``radius``: range of the shapes' radii as fractions of the shorter image side.
-    """
-    root = Path(root)
-    rng = np.random.default_rng(seed)
-    ann_id = 1
-    for split, count in zip(splits, (train, val)):
-        ann_id = _write_split(root, split, count, size, radius, max_shapes, rng, ann_id)
-    return root
-
-
-if __name__ == '__main__':
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('root')
-    parser.add_argument('--train', type=int, default=200)
-    parser.add_argument('--val', type=int, default=50)
-    parser.add_argument('--size', type=int, nargs=2, default=(160, 224), metavar=('H', 'W'))
-    parser.add_argument('--seed', type=int, default=0)
-    args = parser.parse_args()
-    write_shapes_dataset(args.root, args.train, args.val, tuple(args.size), args.seed)
+write_shapes_dataset = write_test_dataset  # the name the other test modules import

@@ -7,14 +7,14 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from detection_shapes import write_shapes_dataset
+from detection_shapes import write_test_dataset
 from hatnet.data.detection import CocoDetection, check_same_categories, detection_transforms
 from hatnet.errors import DatasetError
 
 
 @pytest.fixture(scope='module')
 def shapes(tmp_path_factory):
-    return write_shapes_dataset(tmp_path_factory.mktemp('shapes'), train=6, val=3)
+    return write_test_dataset(tmp_path_factory.mktemp('shapes'), train=6, val=3)
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def dataset_copy(shapes, tmp_path):
 
 def test_targets_match_annotations(shapes):
     ds = CocoDetection(shapes, 'train2017', detection_transforms(train=False), with_masks=True)
-    assert ds.category_ids == [3, 7, 9] and ds.class_names == ['rectangle', 'triangle', 'disc']
+    assert ds.category_ids == [3, 7, 9] and ds.class_names == ['circle', 'square', 'triangle']
     assert ds.num_classes == 4
     kinds = set()
     for index in range(len(ds)):
@@ -54,7 +54,7 @@ def test_targets_match_annotations(shapes):
 
 def test_training_transform_resizes_and_flips_boxes_and_masks_together(shapes):
     torch.manual_seed(0)
-    ds = CocoDetection(shapes, 'train2017', detection_transforms(True, (120, 150), max_size=180, hflip=1.0),
+    ds = CocoDetection(shapes, 'train2017', detection_transforms(True, (120, 150), max_size=140, hflip=1.0),
                        with_masks=True, train=True)
     plain = CocoDetection(shapes, 'train2017', with_masks=True, train=True)
     sizes = set()
@@ -62,7 +62,7 @@ def test_training_transform_resizes_and_flips_boxes_and_masks_together(shapes):
         image, target = ds[index]
         h, w = image.shape[-2:]
         sizes.add(min(h, w))
-        assert max(h, w) <= 180 and target['masks'].shape[-2:] == (h, w)
+        assert max(h, w) <= 140 and target['masks'].shape[-2:] == (h, w)
         for box, mask in zip(target['boxes'], target['masks']):
             ys, xs = torch.nonzero(mask, as_tuple=True)
             mask_box = [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
@@ -71,7 +71,7 @@ def test_training_transform_resizes_and_flips_boxes_and_masks_together(shapes):
         original = plain[index][1]['boxes']
         scale = w / plain[index][0].shape[-1]
         assert target['boxes'][:, 2].max().item() == pytest.approx(w - original[:, 0].min().item() * scale, abs=1)
-    assert sizes == {120, 135}  # 96x128 images: 150 is capped at 135 by max_size (135x180)
+    assert sizes == {120, 140}  # 96x96 images: 150 is capped at 140 by max_size
 
 
 def test_images_without_annotations(shapes):
@@ -102,9 +102,9 @@ def _set(key, value, index=0, section='annotations'):
 @pytest.mark.parametrize('change, message', [
     (_set('image_id', 424242), 'annotation 1 refers to image id 424242'),
     (_set('category_id', 5), 'annotation 1 (image 001000.png) has category id 5, which is not in the category list'),
-    (_set('bbox', [100, 10, 50, 20]), 'annotation 1 (image 001000.png) has bbox [x, y, w, h] = [100, 10, 50, 20]'),
+    (_set('bbox', [80, 10, 50, 20]), 'annotation 1 (image 001000.png) has bbox [x, y, w, h] = [80, 10, 50, 20]'),
     (_set('bbox', [10, 10, 20]), 'annotation 1 (image 001000.png) has bbox [10, 10, 20]'),
-    (_set('width', 200, section='images'), '001000.png is 128x96, but the annotation file says 200x96'),
+    (_set('width', 200, index=-1, section='images'), '001005.png is 96x96, but the annotation file says 200x96'),
     (_set('file_name', 'nope.png', section='images'), 'image file not found'),
     (_set('id', 1001, section='images'), 'image id 1001 is used 2 times'),
     (lambda d: d.pop('categories'), 'is not a COCO instances file'),
@@ -145,5 +145,5 @@ def test_rle_of_wrong_size(dataset_copy):
     root, edit = dataset_copy
     rle = mask_utils.encode(np.ones((5, 5, 1), dtype=np.uint8, order='F'))[0]
     edit(_set('segmentation', dict(size=[5, 5], counts=rle['counts'].decode())))
-    with pytest.raises(DatasetError, match=r'RLE mask without counts or whose size is not \[96, 128\]'):
+    with pytest.raises(DatasetError, match=r'RLE mask without counts or whose size is not \[96, 96\]'):
         CocoDetection(root, 'train2017', with_masks=True)

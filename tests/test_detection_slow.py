@@ -1,47 +1,68 @@
-"""Short CPU training runs of both detectors lift COCO AP clearly above an untrained model (slow).
+"""Learning runs of both detectors on geometry-only shapes, with the ``auto`` recipe and no tuning flag (slow).
 
-The data: 64 training and 16 held-out 64x64 images of coloured shapes (tests/detection_shapes.py). Each run
-is 200 AdamW steps of batch 4 through ``hatnet det train`` (about 2 minutes for RetinaNet and 9 for Mask R-CNN
-on one busy CPU core), scored by ``hatnet det eval --json``.
+The data: ``hatnet det shapes`` scenes (300 training, 60 held-out images of 96-128 px; circles, squares and
+triangles, each in a random colour on a random background, some overlapping), so only a shape's geometry
+tells its class. Each run is ``hatnet det train --arch ARCH --data DIR --out RUN --threads 1`` (the auto
+recipe: the images' own scale, 600 steps, ...), scored by ``hatnet det eval --json``.
+
+The bar is the issue's target (AP 0.3). A broken model, trained the same way on the same images with the
+training labels shuffled between the instances (boxes and masks kept), must miss the same bar: it can find
+shapes but not tell them apart, which is all the bar is about. On this project's 2-core CPU a run takes
+25-60 minutes (docs/detection.md).
 """
 import json
+import shutil
 
+import numpy as np
 import pytest
-import torch
-import yaml
-from torch.utils.data import DataLoader
 
-from detection_shapes import write_shapes_dataset
-from hatnet.engine import find_recipe, load_recipe
-from hatnet.tasks.detection import DetectionConfig, DetectionTask
+from hatnet.data.detection import write_shapes_dataset
 from test_detection import run
 from test_engine import one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 
 pytestmark = pytest.mark.slow
 
+TARGET = {'retinanet': 'bbox_AP', 'maskrcnn': 'segm_AP'}
+BAR = 0.3
+SEED = 11  # not a seed the fast tests or docs/detection.md use
 
-@pytest.mark.parametrize('arch', ['retinanet', 'maskrcnn'])
-def test_short_training_lifts_ap_above_an_untrained_model(tmp_path, arch, capsys):
-    data = write_shapes_dataset(tmp_path / 'shapes', train=64, val=16, size=(64, 64), radius=(0.2, 0.3),
-                                max_shapes=2)
-    recipe = load_recipe(find_recipe(f'coco_{arch}_1x'))
-    # small images with one or two objects: fewer sampled RoIs keep Mask R-CNN's mask head cheap
-    recipe.update(lr=3e-4, min_size=64, max_size=64, roi_batch_size=64, workers=0, device='cpu')
-    (tmp_path / 'recipe.yaml').write_text(yaml.safe_dump(recipe))
-    keys = ['bbox_AP', 'segm_AP'] if arch == 'maskrcnn' else ['bbox_AP']
 
-    torch.manual_seed(0)
-    task_keys = DetectionConfig.__dataclass_fields__
-    task = DetectionTask(DetectionConfig(**{k: v for k, v in recipe.items() if k in task_keys}, data=str(data)))
-    val_loader = DataLoader(task.build_datasets()[1], batch_size=8, collate_fn=task.collate_fn)
-    untrained = task.evaluate(task.build_model(), val_loader, torch.device('cpu'))
+@pytest.fixture(scope='module')
+def shapes(tmp_path_factory):
+    return write_shapes_dataset(tmp_path_factory.mktemp('shapes'), 300, 60, size=(96, 128), seed=SEED)
 
-    run(['det', 'train', '--data', str(data), '--recipe', str(tmp_path / 'recipe.yaml'), '--out', str(tmp_path / 'run'),
-         '--iters', '200', '--batch-size', '4', '--eval-every', '200'])
-    capsys.readouterr()
-    run(['det', 'eval', '--data', str(data), '--checkpoint', str(tmp_path / 'run'), '--json', '--workers', '0',
+
+def shuffled_labels(data, out):
+    """A copy of ``data`` whose training instances carry a random permutation of their categories."""
+    shutil.copytree(data, out)
+    path = out / 'annotations' / 'instances_train2017.json'
+    coco = json.loads(path.read_text())
+    labels = np.random.default_rng(0).permutation([a['category_id'] for a in coco['annotations']])
+    for ann, label in zip(coco['annotations'], labels.tolist()):
+        ann['category_id'] = label
+    path.write_text(json.dumps(coco))
+    return out
+
+
+def train_and_evaluate(data, val_data, arch, out, capsys):
+    run(['det', 'train', '--arch', arch, '--data', str(data), '--out', str(out), '--threads', '1',
          '--device', 'cpu'])
-    trained = json.loads(capsys.readouterr().out)
-    print(arch, {k: (round(untrained[k], 3), round(trained[k], 3)) for k in keys})
-    for key in keys:
-        assert trained[key] > untrained[key] + 0.05 and trained[key] > 3 * untrained[key]
+    capsys.readouterr()
+    run(['det', 'eval', '--data', str(val_data), '--checkpoint', str(out), '--json', '--workers', '0',
+         '--device', 'cpu'])
+    return json.loads(capsys.readouterr().out)
+
+
+# Not reached yet by HAT-Net-Tiny from scratch in the auto recipe's 600 CPU steps (docs/detection.md, another
+# seed: RetinaNet bbox AP 0.047 after 300 steps, Mask R-CNN segm AP 0.170 after 600); strict, so that reaching
+# it fails loudly and the mark is removed.
+@pytest.mark.xfail(strict=True, reason='AP target 0.3 not reached in 600 steps from scratch (docs/detection.md)')
+@pytest.mark.parametrize('arch', ['retinanet', 'maskrcnn'])
+def test_auto_recipe_learns_geometry_and_a_broken_model_does_not(shapes, tmp_path, arch, capsys):
+    key = TARGET[arch]
+    trained = train_and_evaluate(shapes, shapes, arch, tmp_path / 'run', capsys)
+    broken = train_and_evaluate(shuffled_labels(shapes, tmp_path / 'shuffled'), shapes, arch, tmp_path / 'broken',
+                                capsys)
+    print(arch, key, 'trained', round(trained[key], 3), 'shuffled labels', round(broken[key], 3))
+    assert broken[key] < BAR
+    assert trained[key] >= BAR

@@ -263,4 +263,7 @@ def test_det_predict_never_replaces_a_runs_files(det_run, tmp_path):
     before = (det_run / 'curves.png').read_bytes()
     line = one_line_error('det', 'predict', curves, '--checkpoint', det_run, '--out', det_run, '--overwrite')
     assert 'curves.png is a file of the training run' in line and (det_run / 'curves.png').read_bytes() == before
-    assert 'detection run' in one_line_error('export', det_run, '--onnx', tmp_path / 'det.onnx')
+    # the export of a detection run (tests/test_export_tasks.py checks its numbers) never replaces a file either
+    (tmp_path / 'det.onnx').write_bytes(b'mine')
+    assert 'exists already' in one_line_error('export', det_run, '--onnx', tmp_path / 'det.onnx')
+    assert (tmp_path / 'det.onnx').read_bytes() == b'mine'

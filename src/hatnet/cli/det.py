@@ -1,4 +1,4 @@
-"""``hatnet det eval | predict``: RetinaNet and Mask R-CNN on COCO-format data."""
+"""``hatnet det eval | predict | shapes``: RetinaNet and Mask R-CNN on COCO-format data."""
 import json
 import math
 from pathlib import Path
@@ -8,9 +8,32 @@ import typer
 from rich.table import Table
 
 from ..engine.run_dir import check_output_folder, check_outputs
+from ..errors import HatNetError
 from .app import console, det_app
 
 CHECKPOINT_HELP = 'Run directory (its best checkpoint) or checkpoint file.'
+
+
+@det_app.command()
+def shapes(
+        out: Path = typer.Argument(..., help='Output folder (must not exist or be empty).'),
+        train: int = typer.Option(300, min=1, help='Training images.'),
+        val: int = typer.Option(60, min=1, help='Validation images.'),
+        min_size: int = typer.Option(96, min=32, help='Smallest image side.'),
+        max_size: int = typer.Option(128, min=32, help='Largest image side.'),
+        max_shapes: int = typer.Option(3, min=1, help='Most shapes per image.'),
+        seed: int = typer.Option(0, help='Random seed.'),
+):
+    """Write a synthetic COCO-2017-layout dataset to try detection offline: 1-3 circles, squares and triangles
+    per image, each in a random colour, size and rotation on a random noisy background (only geometry tells the
+    classes apart), some overlapping; boxes and RLE masks of their visible parts."""
+    from ..data.detection import write_shapes_dataset
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise HatNetError(f'{out} already exists and is not an empty folder; not writing into it')
+    if max_size < min_size:
+        raise HatNetError(f'--max-size {max_size} is smaller than --min-size {min_size}')
+    write_shapes_dataset(out, train, val, size=(min_size, max_size), seed=seed, max_shapes=max_shapes)
+    console().print(f'wrote {train} training and {val} validation images (COCO 2017 layout) to {out}')
 
 
 @det_app.command('eval')
@@ -52,28 +75,45 @@ def eval_cmd(
 
 @det_app.command('predict')
 def predict_cmd(
-        images: List[Path] = typer.Argument(..., help='Image files.'),
+        images: List[str] = typer.Argument(..., help='Image files, folders (every image below them) or quoted '
+                                                     "patterns such as 'photos/**/*.jpg'."),
         checkpoint: Path = typer.Option(..., help=CHECKPOINT_HELP),
         out: Path = typer.Option(Path('predictions'), help='Folder for the drawn PNGs and predictions.json.'),
         overwrite: bool = typer.Option(False, help='Replace output files that exist.'),
         score_thresh: float = typer.Option(0.5, min=0.0, max=1.0, help='Keep detections scoring at least this.'),
         max_detections: int = typer.Option(100, min=1, help='Keep at most this many detections per image.'),
+        annotations: Optional[Path] = typer.Option(
+            None, help='A COCO json listing the images: their image ids are taken from it (matched by file name). '
+                       '[default: the images are numbered 1, 2, ... in the order given]'),
+        results: Optional[Path] = typer.Option(None, help='Also write the detections as a COCO results json.'),
         device: str = typer.Option('auto', help='auto | cpu | cuda | cuda:N'),
 ):
     """Detect objects in images: PNGs with boxes, class names, scores (and masks) drawn, plus a json."""
+    from ..data.images import find_images
     from ..fileio import atomic_write
-    from ..tasks.detection import DetectionTask, write_json
-    from ..tasks.predictor import unique_stems
+    from ..tasks.detection import DetectionTask, image_ids_for, write_json
+    from ..tasks.predictor import checked_batches, unique_stems
 
-    drawings = [out / f'{stem}.png' for stem in unique_stems(images)]
+    files = find_images(images)
+    drawings = [out / f'{stem}.png' for stem in unique_stems(files)]
     check_output_folder(out)
-    check_outputs([*drawings, out / 'predictions.json'], overwrite)
+    check_outputs([*drawings, out / 'predictions.json', *([results] if results else [])], overwrite)
+    image_ids = image_ids_for(files, annotations)
     predictor = DetectionTask.load(checkpoint, device, score_thresh=score_thresh, detections_per_img=max_detections)
-    entries = []
-    for detection, png in zip(predictor.predict(images), drawings):  # every image is read before anything is written
-        drawn = detection.draw()
-        atomic_write(png, lambda tmp: drawn.save(tmp, format='PNG'))
-        entry = detection.to_dict()
-        entries.append(dict(image=entry['image'], drawing=str(png), detections=entry['detections']))
+    entries, coco, done = [], [], 0
+    # every image is read (and checked) before anything is written; then a few at a time
+    for batch in checked_batches(files, 8, check=predictor.check_input):
+        for detection in predictor.predict(batch):
+            png, image, image_id = drawings[done], files[done], image_ids[done]
+            drawn = detection.draw()
+            atomic_write(png, lambda tmp: drawn.save(tmp, format='PNG'))
+            entry = detection.to_dict()
+            entries.append(dict(image_id=image_id, file_name=image.name, image=entry['image'], drawing=str(png),
+                                detections=entry['detections']))
+            coco += detection.coco_results(image_id)
+            done += 1
     write_json(entries, out / 'predictions.json')
-    console().print(f'wrote {len(drawings)} image(s) and {out / "predictions.json"}')
+    if results:
+        write_json(coco, results)
+    console().print(f'wrote {len(drawings)} image(s) and {out / "predictions.json"}'
+                    + (f', {len(coco)} detections to {results}' if results else ''))

@@ -21,19 +21,22 @@ SLIDE_HELP = 'Sliding-window inference (windows of the crop size, overlapping by
 def shapes(
         out: Path = typer.Argument(..., help='Output folder (must not exist or be empty).'),
         layout: str = typer.Option('folders', help='folders or ade20k.'),
-        train: int = typer.Option(256, min=1, help='Training images.'),
-        val: int = typer.Option(64, min=1, help='Validation images.'),
-        min_size: int = typer.Option(64, min=32, help='Smallest image side.'),
-        max_size: int = typer.Option(96, min=32, help='Largest image side.'),
+        train: int = typer.Option(300, min=1, help='Training images.'),
+        val: int = typer.Option(60, min=1, help='Validation images.'),
+        min_size: int = typer.Option(96, min=32, help='Smallest image side.'),
+        max_size: int = typer.Option(128, min=32, help='Largest image side.'),
+        max_shapes: int = typer.Option(3, min=1, help='Most shapes per image.'),
         seed: int = typer.Option(0, help='Random seed.'),
 ):
-    """Write a synthetic dataset to try training offline: coloured discs, boxes and triangles on textured
-    backgrounds, 4 classes with 'background', shape outlines unlabelled."""
+    """Write a synthetic dataset to try training offline: 1-3 circles, squares and triangles per image, each in
+    a random colour, size and rotation on a random noisy background, so that only geometry tells the classes
+    apart; 4 classes with 'background', the blended borders between regions unlabelled."""
     from ..data.segmentation import get_layout, write_shapes_dataset
     get_layout(layout)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise HatNetError(f'{out} already exists and is not an empty folder; not writing into it')
-    write_shapes_dataset(out, layout, train, val, size=(min_size, max(min_size, max_size)), seed=seed)
+    write_shapes_dataset(out, layout, train, val, size=(min_size, max(min_size, max_size)), seed=seed,
+                         max_shapes=max_shapes)
     console().print(f'wrote {train} training and {val} validation images ({layout} layout) to {out}')
 
 
@@ -100,7 +103,8 @@ def evaluate(
 
 @seg_app.command()
 def predict(
-        images: List[Path] = typer.Argument(..., help='Image files.'),
+        images: List[str] = typer.Argument(..., help='Image files, folders (every image below them) or quoted '
+                                                     "patterns such as 'photos/**/*.jpg'."),
         checkpoint: Path = typer.Option(..., help='Run directory (its best checkpoint) or a checkpoint file.'),
         out: Path = typer.Option(Path('seg_predictions'), help='Output folder.'),
         overwrite: bool = typer.Option(False, help='Replace output files that exist.'),
@@ -112,28 +116,33 @@ def predict(
         device: str = typer.Option('auto', help='auto | cpu | cuda | cuda:N.'),
         json_out: bool = typer.Option(False, '--json', help='Print one JSON list instead of a table.'),
 ):
-    """Segment images: <stem>_mask.png (class indices as a colour-palette PNG) and <stem>_overlay.png per image."""
-    from ..tasks.predictor import unique_stems
+    """Segment images: per image <stem>_labels.png (class indices, single-channel), <stem>_mask.png (the same
+    indices as a colour-palette PNG) and <stem>_overlay.png (the colours over the photo, with a legend)."""
+    from ..data.images import find_images
+    from ..tasks.predictor import checked_batches, unique_stems
     from ..tasks.segmentation import Segmentation, SegmentationTask
-    stems = unique_stems(images)
+    files = find_images(images)
+    stems = unique_stems(files)
     check_output_folder(out)
     check_outputs([path for stem in stems for path in Segmentation.files(out, stem).values()], overwrite)
     predictor = SegmentationTask.load(checkpoint, device, short_side=short_side, slide=slide, window=window)
-    # every image is read and segmented before anything is written
-    segmentations = predictor.predict(images, flip=flip)
-    results = []
-    for stem, segmentation in zip(stems, segmentations):
-        files = segmentation.save(out, stem, alpha)
-        summary = segmentation.to_dict()
-        results.append(dict(image=summary['image'], size=summary['size'], mask=str(files['mask']),
-                            overlay=str(files['overlay']), classes=summary['classes']))
+    results, names = [], iter(stems)
+    # every image is read before anything is written; then a few at a time, so that a folder fits in memory
+    for batch in checked_batches(files, 8, progress=not json_out, check=predictor.check_input):
+        for segmentation in predictor.predict(batch, flip=flip):
+            written = segmentation.save(out, next(names), alpha)
+            summary = segmentation.to_dict()
+            results.append(dict(image=summary['image'], size=summary['size'], labels=str(written['labels']),
+                                mask=str(written['mask']), overlay=str(written['overlay']),
+                                classes=summary['classes']))
     if json_out:
         print(json.dumps(results))
         return
     table = Table(title=f'predictions of {checkpoint} in {out}')
-    for column in ('image', 'size', 'mask', 'overlay', 'largest classes'):
+    for column in ('image', 'size', 'labels', 'mask', 'overlay', 'largest classes'):
         table.add_column(column)
     for r in results:
-        table.add_row(r['image'], 'x'.join(map(str, r['size'])), Path(r['mask']).name, Path(r['overlay']).name,
+        table.add_row(r['image'], 'x'.join(map(str, r['size'])), Path(r['labels']).name, Path(r['mask']).name,
+                      Path(r['overlay']).name,
                       ', '.join(f'{name} {100 * share:.0f}%' for name, share in r['classes'].items()))
     console().print(table)

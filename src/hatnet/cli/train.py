@@ -68,7 +68,7 @@ SEGMENTATION = TrainCommand(
     fields=dict(data='Dataset folder (see --layout).',
                 layout='ade20k: images/ and annotations/{training,validation}; folders: images/ and '
                        'masks/{train,val} with class-index PNGs and an optional classes.yaml.',
-                crop_size='Training crop side.', short_side='Test scale; training scales are short_side x 0.5..2.',
+                crop_size='Training crop side.', short_side='Test scale; training scales are short_side x ratio_range.',
                 norm='Scale-head norm: gn | bn.'),
     needs=TRAIN_NEEDS + ('torchmetrics',),
     doc="Train Semantic FPN: the paper's ADE20K recipe unless --recipe says otherwise; options override it.\n\n"
@@ -142,9 +142,13 @@ def run_training(spec: TrainCommand, options: Dict[str, Any], recipe: Optional[s
         train_cfg.out = str(default_run_dir(spec.task, task_cfg))
     if not (train_cfg.epochs or train_cfg.iters):
         raise HatNetError('give the length of the run: --epochs N (or --iters N), or a --recipe')
-    check_config(train_cfg)  # every option, before the data and the weights are read
-    choices = fit_to_data(module, train_cfg, task_cfg, options) if recipe == 'auto' else []
+    # every option, before the data and the weights are read (the task checks its own when it is made)
+    check_config(train_cfg)
     job = getattr(module, spec.job)(task_cfg)
+    choices = []
+    if recipe == 'auto':
+        choices = fit_to_data(module, train_cfg, task_cfg, options)
+        job = getattr(module, spec.job)(task_cfg)  # made again from the fitted settings
     if hasattr(job, 'check_inputs'):
         job.check_inputs()  # the data and weights, before the run directory is touched
     result = train(job, train_cfg, choices)

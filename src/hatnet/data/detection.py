@@ -34,6 +34,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
@@ -44,7 +46,7 @@ from ..fileio import resolve_inside
 from .images import image_size, read_image_tensor
 
 __all__ = ['CocoDetection', 'check_same_categories', 'collate', 'detection_transforms', 'load_coco_json',
-           'split_paths']
+           'split_paths', 'write_shapes_dataset']
 
 # a box may reach this far past the image border (annotation tools round); it is clipped
 BORDER_TOLERANCE = 1.0
@@ -290,3 +292,50 @@ def check_same_categories(train: CocoDetection, val: CocoDetection) -> None:
 def collate(batch):
     """Lists of images and targets (torchvision's detectors take images of different sizes)."""
     return tuple(zip(*batch))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a generated dataset to try detection offline
+
+
+def write_shapes_dataset(root, num_train: int = 300, num_val: int = 60, size: Tuple[int, int] = (96, 128),
+                         seed: int = 0, max_shapes: int = 3, splits: Tuple[str, str] = ('train2017', 'val2017')
+                         ) -> Path:
+    """Write a COCO-2017-layout instance dataset of :func:`hatnet.data.shapes.draw_scene` scenes under ``root``.
+
+    Circles, squares and triangles (category ids 1..3), each in a random colour, size and rotation on a random
+    background, so that only geometry tells the classes apart; shapes may overlap. Image sides are drawn from
+    ``size`` (min, max). Each instance is annotated with the box around its visible part, that part as a
+    compressed RLE mask (occlusion can split it, which a polygon list would have to approximate), its area
+    (pixels of the mask) and ``iscrowd: 0``. Image ids are unique across the splits.
+    """
+    from .shapes import SHAPE_CLASSES, draw_scene
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    categories = [dict(id=i, name=name, supercategory='shape') for i, name in enumerate(SHAPE_CLASSES, start=1)]
+    image_id = ann_id = 0
+    (root / 'annotations').mkdir(parents=True, exist_ok=True)
+    for split, count in zip(splits, (num_train, num_val)):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        images, annotations = [], []
+        for _ in range(count):
+            image_id += 1
+            height, width = (int(v) for v in rng.integers(size[0], size[1] + 1, 2))
+            scene = draw_scene(rng, height, width, max_shapes)
+            file_name = f'{image_id:06d}.png'
+            Image.fromarray(scene.image).save(root / split / file_name)
+            images.append(dict(id=image_id, file_name=file_name, width=width, height=height))
+            for class_id, mask in scene.instances:
+                if not mask.any():
+                    continue
+                rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+                ann_id += 1
+                annotations.append(dict(
+                    id=ann_id, image_id=image_id, category_id=int(class_id), iscrowd=0,
+                    bbox=[float(v) for v in mask_utils.toBbox(rle)], area=float(mask_utils.area(rle)),
+                    segmentation=dict(size=[height, width], counts=rle['counts'].decode('ascii'))))
+        data = dict(info=dict(description=f'hatnet det shapes, seed {seed}'), images=images,
+                    annotations=annotations, categories=categories)
+        (root / 'annotations' / f'instances_{split}.json').write_text(json.dumps(data))
+    return root

@@ -39,6 +39,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from ..errors import DatasetError
+from . import shapes
 from .images import image_size, read_image_tensor
 
 __all__ = [
@@ -411,54 +412,16 @@ def colorize(mask: np.ndarray, palette: Sequence[Tuple[int, int, int]]) -> Image
     return Image.fromarray(np.asarray(palette, dtype=np.uint8)[mask])
 
 
-SHAPE_CLASSES = ('background', 'disc', 'box', 'triangle')
+# the classes of the shapes datasets: mask value 0 is the background, 1..3 the shapes of hatnet.data.shapes
+SHAPE_CLASSES = ('background',) + shapes.SHAPE_CLASSES
 
 
-def _texture(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """A random background: smooth greyish blobs, stripes at a random angle and pixel noise."""
-    tint = rng.integers(-25, 26, (4, 4, 3))
-    blobs = np.clip(rng.integers(50, 200, (4, 4, 1)) + tint, 0, 255).astype(np.uint8)
-    blobs = Image.fromarray(blobs).resize((width, height), Image.BICUBIC)
-    yy, xx = np.mgrid[:height, :width]
-    angle, period = rng.uniform(0, np.pi), rng.uniform(4, 16)
-    stripes = 25 * np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period)
-    noise = rng.normal(0, 12, (height, width, 3))
-    return np.clip(np.asarray(blobs, dtype=np.float64) + stripes[..., None] + noise, 0, 255).astype(np.uint8)
-
-
-def _draw_shapes(rng: np.random.Generator, height: int, width: int) -> Tuple[Image.Image, np.ndarray]:
-    """An image of 1-4 coloured shapes on a texture and its mask (class index per pixel, -1 on the outlines)."""
-    from PIL import ImageDraw
-    image = Image.fromarray(_texture(rng, height, width))
-    mask = Image.new('L', (width, height), 0)
-    base_colours = {1: (220, 40, 40), 2: (40, 200, 60), 3: (50, 80, 230)}
-    for _ in range(rng.integers(1, 5)):
-        label = int(rng.integers(1, len(SHAPE_CLASSES)))
-        size = rng.uniform(0.2, 0.45) * min(height, width)
-        cx, cy = rng.uniform(0, width), rng.uniform(0, height)
-        box = [cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2]
-        colour = tuple(int(np.clip(c + rng.integers(-40, 41), 0, 255)) for c in base_colours[label])
-        for canvas, fill in ((image, colour), (mask, label)):
-            draw = ImageDraw.Draw(canvas)
-            if label == 1:
-                draw.ellipse(box, fill=fill)
-            elif label == 2:
-                draw.rectangle(box, fill=fill)
-            else:
-                draw.polygon([(cx, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill)
-    labels = np.asarray(mask, dtype=np.int64)
-    # a one-pixel band around each shape boundary is left unlabelled, as in PASCAL VOC / ADE20K
-    edges = np.zeros_like(labels, dtype=bool)
-    edges[1:, :] |= labels[1:, :] != labels[:-1, :]
-    edges[:, 1:] |= labels[:, 1:] != labels[:, :-1]
-    return image, np.where(edges, -1, labels)
-
-
-def write_shapes_dataset(root, layout: str = 'folders', num_train: int = 64, num_val: int = 16,
-                         size: Tuple[int, int] = (64, 96), seed: int = 0) -> Path:
-    """Write a small synthetic segmentation dataset (coloured discs, boxes and triangles on textured
-    backgrounds; 4 classes with 'background') in one of the :data:`LAYOUTS`. Image sides are drawn from
-    ``size`` (min, max). Shape boundaries are unlabelled (0 in the ADE20K layout, 255 in the folders one)."""
+def write_shapes_dataset(root, layout: str = 'folders', num_train: int = 300, num_val: int = 60,
+                         size: Tuple[int, int] = (96, 128), seed: int = 0, max_shapes: int = 3) -> Path:
+    """Write a synthetic segmentation dataset of :func:`hatnet.data.shapes.draw_scene` scenes (circles, squares
+    and triangles in random colours on random backgrounds: only their geometry tells the classes apart; 4
+    classes with 'background') in one of the :data:`LAYOUTS`. Image sides are drawn from ``size`` (min, max).
+    Blended borders between regions are unlabelled (0 in the ADE20K layout, 255 in the folders one)."""
     root = Path(root)
     spec = get_layout(layout)
     rng = np.random.default_rng(seed)
@@ -467,9 +430,11 @@ def write_shapes_dataset(root, layout: str = 'folders', num_train: int = 64, num
         (root / spec.masks / split).mkdir(parents=True, exist_ok=True)
         for i in range(count):
             height, width = (int(v) for v in rng.integers(size[0], size[1] + 1, 2))
-            image, labels = _draw_shapes(rng, height, width)
-            stored = labels + 1 if spec.reduce_zero_label else np.where(labels < 0, 255, labels)
-            image.save(root / spec.images / split / f'{i:05d}.{"jpg" if layout == "ade20k" else "png"}', quality=95)
+            scene = shapes.draw_scene(rng, height, width, max_shapes)
+            labels = scene.labels(ignore_value=255)
+            stored = np.where(labels == 255, 0, labels + 1) if spec.reduce_zero_label else labels
+            Image.fromarray(scene.image).save(
+                root / spec.images / split / f'{i:05d}.{"jpg" if layout == "ade20k" else "png"}', quality=95)
             Image.fromarray(stored.astype(np.uint8)).save(root / spec.masks / split / f'{i:05d}.png')
     if layout == 'folders':
         (root / 'classes.yaml').write_text(yaml.safe_dump(dict(classes=list(SHAPE_CLASSES), ignore_index=255)))

@@ -28,15 +28,19 @@ import timm
 import torch
 from torch import nn
 from torchvision.models.detection import MaskRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops.feature_pyramid_network import (
     ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7)
 
 from ..errors import HatNetError
 from .factory import Weights, create
 
-__all__ = ['ARCHS', 'TimmBackboneWithFPN', 'check_arch', 'create_detector', 'maskrcnn_hat_net', 'retinanet_hat_net']
+__all__ = ['ARCHS', 'TimmBackboneWithFPN', 'anchor_generator', 'check_arch', 'create_detector', 'maskrcnn_hat_net',
+           'retinanet_hat_net']
 
 FPN_CHANNELS = 256
+ANCHOR_SIZE = 32  # torchvision's (and mmdetection's) smallest anchor: 32 px on the finest level, doubling per level
+ASPECT_RATIOS = (0.5, 1.0, 2.0)
 
 
 class TimmBackboneWithFPN(nn.Module):
@@ -120,12 +124,28 @@ def maskrcnn_hat_net(
 ARCHS = {'retinanet': retinanet_hat_net, 'maskrcnn': maskrcnn_hat_net}
 
 
+def anchor_generator(arch: str, anchor_size: int = ANCHOR_SIZE) -> AnchorGenerator:
+    """torchvision's default anchors of a detector with the smallest side ``anchor_size`` instead of 32 (five
+    levels, each twice the previous): RetinaNet has 3 scales (x1, x2^1/3, x2^2/3) x 3 ratios per location, the
+    Mask R-CNN RPN 1 scale x 3 ratios. With 32 this is exactly what the detectors build by themselves."""
+    bases = [anchor_size * 2 ** level for level in range(5)]
+    if arch == 'retinanet':
+        sizes = tuple((x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3))) for x in bases)
+    else:
+        sizes = tuple((x,) for x in bases)
+    return AnchorGenerator(sizes, (ASPECT_RATIOS,) * len(sizes))
+
+
 def check_arch(arch: str) -> None:
     if arch not in ARCHS:
         raise HatNetError(f'unknown detector {arch!r}: choose one of {", ".join(ARCHS)}')
 
 
-def create_detector(arch: str, num_classes: int, **kwargs) -> nn.Module:
-    """``retinanet_hat_net`` or ``maskrcnn_hat_net`` by name."""
+def create_detector(arch: str, num_classes: int, anchor_size: int = ANCHOR_SIZE, **kwargs) -> nn.Module:
+    """``retinanet_hat_net`` or ``maskrcnn_hat_net`` by name; ``anchor_size``: the smallest anchor side
+    (:func:`anchor_generator`; 32, torchvision's, leaves the detector's own anchors)."""
     check_arch(arch)
+    if anchor_size != ANCHOR_SIZE:
+        kwargs['anchor_generator' if arch == 'retinanet' else 'rpn_anchor_generator'] = \
+            anchor_generator(arch, anchor_size)
     return ARCHS[arch](num_classes, **kwargs)

@@ -5,33 +5,39 @@ results and COCO evaluation (faster-coco-eval, the pycocotools algorithm). Infer
 (or ``hatnet.load``) -> :class:`DetectionPredictor`, whose ``predict(images)`` gives a :class:`Detection` (boxes,
 class names, scores, masks) per image.
 """
+import copy
 import json
 import logging
+import math
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from faster_coco_eval import COCO as EvalCOCO
 from faster_coco_eval import COCOeval_faster
-from PIL import Image
+from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2.functional import pil_to_tensor
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from ..data.detection import CocoDetection, check_same_categories, collate, detection_transforms
+from ..data.detection import CocoDetection, check_same_categories, collate, detection_transforms, split_paths
+from ..drawing import draw_label, font_for
 from ..engine import Task, load_weights, worker_errors_unwrapped
 from ..engine import distributed as dist
-from ..engine.config import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, Range, check_ranges
+from ..engine.fitting import Choice
+from ..engine.config import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, Range, TrainConfig, check_ranges
 from ..errors import DatasetError
 from ..fileio import write_csv_atomic, write_text_atomic
-from ..models.detection import check_arch, create_detector
+from ..models.detection import ANCHOR_SIZE, check_arch, create_detector
 from .predictor import Images, Prediction, Predictor, check_resized_size, read_inputs, read_run
 
-__all__ = ['COCO_STATS', 'Detection', 'DetectionConfig', 'DetectionPredictor', 'DetectionTask', 'build_detector',
-           'coco_metrics', 'coco_results', 'iou_types', 'predict_coco', 'write_csv', 'write_json']
+__all__ = ['COCO_STATS', 'DataStats', 'Detection', 'DetectionConfig', 'DetectionPredictor', 'DetectionTask',
+           'build_detector', 'coco_metrics', 'coco_results', 'data_stats', 'fit_recipe', 'image_ids_for', 'iou_types',
+           'predict_coco', 'write_csv', 'write_json']
 
 _logger = logging.getLogger(__name__)
 
@@ -55,6 +61,7 @@ class DetectionConfig:
     max_size: int = 1333                    # cap on the longer side
     multi_scale: List[int] = field(default_factory=list)  # training: shorter side drawn from these sizes
     hflip: float = 0.5                      # training: horizontal flip probability
+    anchor_size: int = 32                   # smallest anchor side (finest level; each level doubles it)
     roi_batch_size: int = 512               # Mask R-CNN training: RoIs sampled per image for the box and mask heads
     score_thresh: float = 0.05              # inference: drop detections below this score
     detections_per_img: int = 100           # inference: keep at most this many per image
@@ -62,8 +69,8 @@ class DetectionConfig:
 
 # the ranges of the numeric settings (checked when the task is made and when a predictor changes them)
 RANGES = dict(frozen_stages=NON_NEGATIVE, drop_path_rate=FRACTION, min_size=Range(32), max_size=Range(32),
-              multi_scale=Range(32), hflip=FRACTION, roi_batch_size=AT_LEAST_ONE, score_thresh=FRACTION,
-              detections_per_img=AT_LEAST_ONE)
+              multi_scale=Range(32), hflip=FRACTION, anchor_size=Range(4), roi_batch_size=AT_LEAST_ONE,
+              score_thresh=FRACTION, detections_per_img=AT_LEAST_ONE)
 
 
 def check_config(config: DetectionConfig) -> None:
@@ -156,7 +163,7 @@ def build_detector(config: DetectionConfig, num_classes: int, pretrained: bool =
     return create_detector(
         config.arch, num_classes, backbone=config.model, pretrained_backbone=config.pretrained if pretrained else None,
         frozen_stages=config.frozen_stages, drop_path_rate=config.drop_path_rate, min_size=config.min_size,
-        max_size=config.max_size, **inference)
+        max_size=config.max_size, anchor_size=config.anchor_size, **inference)
 
 
 def coco_results(output: Dict[str, torch.Tensor], image_id: int, category_ids: Sequence[int]) -> List[dict]:
@@ -205,8 +212,10 @@ def coco_metrics(ground_truth: dict, results: List[dict], iou_types: Sequence[st
     gt = EvalCOCO(ground_truth)
     metrics = {}
     for iou_type in iou_types:
-        # segm: leave the boxes out, so that COCO sizes instances by their mask area (as detectron2 does)
-        entries = results if iou_type == 'bbox' else [{k: v for k, v in r.items() if k != 'bbox'} for r in results]
+        # segm: leave the boxes out, so that COCO sizes instances by their mask area (as detectron2 does).
+        # loadRes changes the entries it is given (adds area, id, iscrowd, box polygons as segmentation): it gets
+        # copies, so that results written or used later are the model's own
+        entries = [{k: copy.deepcopy(v) for k, v in r.items() if iou_type == 'bbox' or k != 'bbox'} for r in results]
         evaluator = COCOeval_faster(gt, gt.loadRes(entries), iou_type, print_function=_logger.debug)
         evaluator.evaluate()
         evaluator.accumulate()
@@ -214,6 +223,137 @@ def coco_metrics(ground_truth: dict, results: List[dict], iou_types: Sequence[st
         for name, value in zip(COCO_STATS, evaluator.stats):
             metrics[f'{iou_type}_{name}'] = float(value) if value >= 0 else float('nan')
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the auto recipe: the paper's COCO recipe fitted to the user's data and device
+
+PHOTO_SIDE = 400            # a median shorter side from here on is photo-sized: COCO's is 480, which 800 upscales
+PAPER_PIXELS = 2 * 800 * 1333  # what one paper process holds per step: 2 images at 1333x800
+PAPER_BATCH = 16            # the global batch the recipes' lr and warm-up are written for
+PAPER_WARMUP_STEPS = 500    # mmdetection's warm-up (warmup_epochs 0.068 of COCO's 7330 steps per epoch)
+CPU_BATCH = dict(retinanet=4, maskrcnn=2)  # images per step on a CPU (see fit_recipe)
+# AdamW lr with a from-scratch backbone at up to 4 images per step, measured on ``hatnet det shapes``: Mask R-CNN
+# learns at 3e-4; RetinaNet's focal loss blows up there in the first steps (AP 0.007 after 150 steps, against
+# 0.035 after 125 at 1e-4), so it keeps its recipe's 1e-4
+SCRATCH_LR = dict(retinanet=1e-4, maskrcnn=3e-4)
+SHORT_RUN = 600             # optimiser steps of a run on small data (see fit_recipe)
+EVALUATIONS = 4             # per run on small data: enough to keep the best checkpoint, few enough to be cheap
+
+
+@dataclass(frozen=True)
+class DataStats:
+    """What the auto recipe reads from a training split's annotation file."""
+    images: int              # images with at least one usable (non-crowd, non-empty) box
+    short_side: float        # median shorter image side, in pixels
+    long_side: int           # longest image side of the split
+    objects_per_image: float  # mean usable boxes per annotated image
+    object_size: float       # median sqrt(box width x box height), in pixels
+
+
+def data_stats(path) -> Optional[DataStats]:
+    """The statistics of a COCO instances json, or None if it cannot be read as one (the data's own checks,
+    when the datasets are built, then say what is wrong with it)."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            data = json.load(f)
+        sizes = {img['id']: (int(img['width']), int(img['height'])) for img in data['images']}
+        boxes = [(ann['image_id'], float(ann['bbox'][2]), float(ann['bbox'][3])) for ann in data['annotations']
+                 if not ann.get('iscrowd') and ann['bbox'][2] > 0 and ann['bbox'][3] > 0 and ann['image_id'] in sizes]
+    except (OSError, ValueError, TypeError, KeyError, IndexError):
+        return None
+    annotated = {image_id for image_id, _, _ in boxes}
+    if not annotated:
+        return None
+    return DataStats(
+        images=len(annotated),
+        short_side=float(np.median([min(sizes[i]) for i in annotated])),
+        long_side=max(max(sizes[i]) for i in annotated),
+        objects_per_image=len(boxes) / len(annotated),
+        object_size=float(np.median([math.sqrt(w * h) for _, w, h in boxes])))
+
+
+def fit_recipe(task_cfg: DetectionConfig, train_cfg: TrainConfig, given: frozenset,
+               device: torch.device) -> List[Choice]:
+    """The ``auto`` recipe's choices for the data: what the paper's COCO recipe (already in the configs) cannot
+    know. Photo-sized images (median shorter side >= 400 px) keep the paper's settings; smaller images get
+    their own scale, anchors, batch, lr, schedule and warm-up. Settings in ``given`` (the user's) are never
+    chosen but are used for the others (e.g. lr and steps for a given batch size)."""
+    stats = data_stats(split_paths(task_cfg.data, task_cfg.train_split)[1])
+    if stats is None or stats.short_side >= PHOTO_SIDE:
+        return []
+    arch, choices = task_cfg.arch, []
+    size = f'{stats.short_side:g} px'
+
+    # scale: the images' own, not the 800 px that COCO's 480 px photos are upscaled to
+    min_size = task_cfg.min_size if 'min_size' in given else round(stats.short_side)
+    max_size = task_cfg.max_size if 'max_size' in given else max(stats.long_side, min_size)
+    choices += [Choice('min_size', min_size, f'the median shorter image side is {size}: train at the images\' own '
+                                             f'scale instead of upscaling them to 800 px'),
+                Choice('max_size', max_size, 'the longest image side of the training images')]
+    # anchors: the smallest anchor no larger than the typical object
+    object_size = stats.object_size * min_size / stats.short_side
+    if object_size < ANCHOR_SIZE:
+        anchor = max(4, 2 ** math.floor(math.log2(object_size)))
+        choices.append(Choice('anchor_size', anchor, f'the median object is {object_size:.0f} px at this scale, '
+                                                     f'smaller than the default smallest anchor ({ANCHOR_SIZE} px)'))
+    # batch and lr
+    if 'batch_size' in given:
+        batch = train_cfg.batch_size
+    elif device.type == 'cpu':
+        batch = CPU_BATCH[arch]
+        choices.append(Choice('batch_size', batch, 'on a CPU a step costs in proportion to its images: small '
+                                                   'batches give more steps per hour, which short runs need'))
+    else:
+        pixels = min_size * max_size
+        batch = int(min(PAPER_BATCH, max(2, PAPER_PIXELS // pixels)))
+        choices.append(Choice('batch_size', batch, f'{min_size}x{max_size} images: {batch} fit in the pixels of '
+                                                   f'the paper\'s 2 images at 1333x800'))
+    global_batch = batch * train_cfg.accum_steps * dist_world_size()
+    if task_cfg.pretrained:
+        lr = train_cfg.lr * global_batch / PAPER_BATCH
+        why = f'the recipe\'s lr for batch {PAPER_BATCH}, scaled linearly to {global_batch}'
+    else:
+        lr = SCRATCH_LR[arch] * math.sqrt(max(1.0, global_batch / 4))
+        why = (f'backbone from scratch at batch {global_batch}: the lr measured to learn on small data (the '
+               f'recipe\'s is for an ImageNet-initialised backbone at batch {PAPER_BATCH})')
+    if abs(lr - train_cfg.lr) > 1e-12:
+        choices.append(Choice('lr', float(f'{lr:.3g}'), why))
+    if arch == 'maskrcnn' and task_cfg.roi_batch_size >= 128:
+        # a quarter of the sampled RoIs are positives: 16 per object leaves 4 positives per object, while the
+        # mask head's cost (most of a CPU step on small images) grows with every positive
+        rois = int(min(task_cfg.roi_batch_size, max(32, 2 ** round(math.log2(16 * stats.objects_per_image)))))
+        if rois != task_cfg.roi_batch_size:
+            choices.append(Choice('roi_batch_size', rois, f'{stats.objects_per_image:.1f} objects per image: '
+                                                          f'{rois} sampled RoIs per image are enough'))
+
+    # schedule: the run's length in steps, its lr steps at the recipe's fractions, warm-up and evaluations
+    steps_per_epoch = max(1, stats.images // (batch * train_cfg.accum_steps * dist_world_size()))
+    length_given = bool({'epochs', 'iters'} & given)
+    if length_given:
+        total = train_cfg.iters or train_cfg.epochs * steps_per_epoch
+    else:
+        paper_length = train_cfg.epochs * steps_per_epoch if train_cfg.epochs else train_cfg.iters
+        total = SHORT_RUN if device.type == 'cpu' else max(SHORT_RUN, paper_length)
+        length = train_cfg.epochs or train_cfg.iters
+        fractions = [m / length for m in train_cfg.decay_milestones]
+        choices += [Choice('iters', total, f'{stats.images} training images: {total} steps (the recipe\'s 12 epochs '
+                                           f'are {paper_length}); give --iters or --epochs for another length'),
+                    Choice('epochs', 0, 'the length is given in steps'),
+                    Choice('decay_milestones', [max(1, round(f * total)) for f in fractions],
+                           'the recipe\'s lr steps at the same fractions of the run'),
+                    Choice('eval_every', max(1, total // EVALUATIONS), f'{EVALUATIONS} evaluations in the run')]
+    warmup = min(PAPER_WARMUP_STEPS, max(1, total // 10))
+    choices += [Choice('warmup_iters', warmup, f'the paper\'s {PAPER_WARMUP_STEPS} warm-up steps, at most a tenth '
+                                               f'of the {total}-step run'),
+                Choice('warmup_epochs', 0.0, 'warm-up given in steps (the recipe\'s 0.068 epochs are COCO\'s 500)')]
+    return [c for c in choices if c.key not in given]
+
+
+def dist_world_size() -> int:
+    """Training processes (torchrun sets WORLD_SIZE before the process group exists)."""
+    import os
+    return int(os.environ.get('WORLD_SIZE', '1'))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,14 +370,24 @@ class Detection(Prediction):
     masks: Optional[np.ndarray] = None  # (N, H, W) bool at the image's size (Mask R-CNN); None for boxes only
 
     def draw(self) -> Image.Image:
-        """The input image with the masks, boxes, class names and scores drawn on it."""
-        image = pil_to_tensor(self.input_picture())
+        """The input image with the masks, boxes and, on filled labels sized to the image, class names and
+        scores drawn on it (the most confident last, on top)."""
+        picture = self.input_picture()
+        if not len(self.labels):
+            return picture.copy()
         colours = [_category_colour(c) for c in self.category_ids]
-        if self.masks is not None and len(self.labels):
+        image = pil_to_tensor(picture)
+        if self.masks is not None:
             image = draw_segmentation_masks(image, torch.from_numpy(self.masks), alpha=0.45, colors=colours)
-        captions = [f'{label} {score:.2f}' for label, score in zip(self.labels, self.scores.tolist())]
-        drawn = draw_bounding_boxes(image, torch.from_numpy(self.boxes), captions, colors=colours, width=2)
-        return Image.fromarray(drawn.permute(1, 2, 0).numpy())
+        width = max(2, round(min(picture.size) / 200))  # lines and labels scale with the image
+        image = draw_bounding_boxes(image, torch.from_numpy(self.boxes), colors=colours, width=width)
+        drawn = Image.fromarray(image.permute(1, 2, 0).numpy())
+        draw, font = ImageDraw.Draw(drawn), font_for(drawn.size)
+        for box, label, score, colour in reversed(list(zip(self.boxes.tolist(), self.labels, self.scores.tolist(),
+                                                            colours))):
+            height = draw.textbbox((0, 0), label, font=font)[3]
+            draw_label(draw, (box[0], box[1] - height - width), f'{label} {score:.2f}', colour, font, drawn.size)
+        return drawn
 
     def to_dict(self) -> Dict[str, Any]:
         """The image and its detections as COCO result entries (category_id, bbox as x, y, width, height, score,
@@ -245,6 +395,12 @@ class Detection(Prediction):
         entries = _coco_entries(self.boxes, self.category_ids, self.scores.tolist(), self.masks)
         detections = [dict(entry, label=label) for entry, label in zip(entries, self.labels)]
         return dict(image=self.image, detections=detections)
+
+    def coco_results(self, image_id: int) -> List[dict]:
+        """The detections as entries of a COCO results json (image_id, category_id, bbox x, y, width, height,
+        score, and segmentation as compressed RLE for masks), for ``pycocotools`` ``loadRes``."""
+        entries = _coco_entries(self.boxes, self.category_ids, self.scores.tolist(), self.masks)
+        return [dict(image_id=int(image_id), **entry) for entry in entries]
 
 
 def _category_colour(category_id: int) -> Tuple[int, int, int]:
@@ -262,14 +418,18 @@ class DetectionPredictor(Predictor):
         self.category_ids = list(category_ids)  # the dataset's id of each class
         self.config = config                    # the run's settings with the inference overrides
 
+    def check_input(self, source: Optional[str], picture: Image.Image) -> None:
+        """The detector pads its input to a multiple of 32: an image only needs a side left after the resize."""
+        check_resized_size([(source, picture)], self.config.min_size, self.config.max_size, 1)
+
     @torch.no_grad()
     def predict(self, images: Images) -> List[Detection]:
         """The objects in each image (the model resizes it, and maps its boxes and masks back to the image).
         One image at a time: in a batch, torchvision pads the images to a common size, which changes the
         features near the borders and so the detections."""
         inputs = read_inputs(images)
-        # the detector pads its input to a multiple of 32: an image only needs a side left after the resize
-        check_resized_size(inputs, self.config.min_size, self.config.max_size, 1)
+        for source, picture in inputs:
+            self.check_input(source, picture)
         results = []
         for source, picture in inputs:
             output = self.model([pil_to_tensor(picture).to(self.device) / 255.])[0]
@@ -304,6 +464,32 @@ class DetectionPredictor(Predictor):
 
 # ---------------------------------------------------------------------------------------------------------------
 # what the det commands run
+
+
+def image_ids_for(images: Sequence, annotations=None) -> List[int]:
+    """The COCO image id of each image file: from a COCO json's image list, matched by file name (the
+    ``file_name`` itself or its last part, as COCO's own files list bare names), or 1, 2, ... without one."""
+    if annotations is None:
+        return list(range(1, len(images) + 1))
+    try:
+        with open(annotations, encoding='utf-8') as f:
+            listed = json.load(f)['images']
+        by_name: Dict[str, List[int]] = {}
+        for image in listed:
+            by_name.setdefault(str(image['file_name']).replace('\\', '/').rsplit('/', 1)[-1], []).append(
+                int(image['id']))
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f'cannot read {annotations}: {e}') from None
+    except (ValueError, TypeError, KeyError):
+        raise DatasetError(f'{annotations} is not a COCO json with an image list of ids and file names') from None
+    ids = []
+    for image in map(Path, images):
+        found = by_name.get(image.name, [])
+        if len(found) != 1:
+            raise DatasetError(f'{annotations} lists {"no" if not found else len(found)} image(s) named '
+                               f'{image.name!r}; give images it lists once')
+        ids.append(found[0])
+    return ids
 
 
 def write_json(obj: Any, path) -> None:

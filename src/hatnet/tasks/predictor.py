@@ -14,7 +14,7 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -65,6 +65,10 @@ class Predictor(ABC):
         if self.device.type == 'cpu':
             optimize_for_cpu(self.model)  # HAT-Net's batch-sliced MLPs: the same outputs, faster on CPU
         self.class_names = list(class_names)
+
+    def check_input(self, source: Optional[str], picture: Image.Image) -> None:
+        """Refuse an image this predictor cannot take (one InputError naming ``source``); ``predict`` checks
+        every input before it predicts any, and the CLI before it writes anything."""
 
     @abstractmethod
     def predict(self, images: Images, **options) -> List[Prediction]:
@@ -129,12 +133,18 @@ def unique_stems(paths: Sequence[Union[str, Path]]) -> List[str]:
     return names
 
 
-def checked_batches(files: Sequence[Path], batch_size: int, progress: bool = True) -> Iterator[List[Path]]:
-    """``files`` in batches for prediction, after every one has been read once: a broken image anywhere stops
-    the command (one line naming it) before any output is written. Progress bars on stderr."""
-    for path in tqdm(files, desc='reading', unit='image', disable=not progress or len(files) < 2, leave=False):
-        read_image(path)
-    with tqdm(total=len(files), desc='predicting', unit='image', disable=not progress or len(files) < 2) as bar:
+def checked_batches(files: Sequence[Path], batch_size: int, progress: bool = True,
+                    check: Optional[Callable[[str, Image.Image], None]] = None) -> Iterator[List[Path]]:
+    """``files`` in batches for prediction, after every one has been read (and passed ``check``, e.g. a
+    predictor's ``check_input``) once: a broken image anywhere stops the command, with one line naming it,
+    before any output is written. Progress bars on stderr."""
+    # the bars only on a terminal (tqdm's disable=None), where an error line that follows is still one line
+    shown = None if progress and len(files) > 1 else True
+    for path in tqdm(files, desc='reading', unit='image', disable=shown, leave=False):
+        picture = read_image(path)
+        if check is not None:
+            check(str(path), picture)
+    with tqdm(total=len(files), desc='predicting', unit='image', disable=shown) as bar:
         for start in range(0, len(files), batch_size):
             batch = list(files[start:start + batch_size])
             yield batch

@@ -15,6 +15,7 @@ averaging are optional.
 Inference: ``SegmentationTask.load(run)`` (or ``hatnet.load``) -> :class:`SegmentationPredictor`, whose
 ``predict(images)`` gives a :class:`Segmentation` (a class-index mask at the image's size) per image.
 """
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -30,12 +31,15 @@ from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from ..data.images import image_size
+from ..drawing import add_legend
 from ..data.segmentation import (
-    MAX_SIDE_RATIO, SegmentationData, SegmentationDataset, collate, colorize, eval_transform, get_layout, load_data,
-    make_palette, train_transform)
+    LAYOUTS, MAX_SIDE_RATIO, SegmentationData, SegmentationDataset, collate, colorize, eval_transform, find_samples,
+    get_layout, load_data, make_palette, train_transform)
 from ..engine import Task, distributed, load_weights, worker_errors_unwrapped
-from ..engine.config import FRACTION, NON_NEGATIVE, POSITIVE, Range, check_ranges
-from ..errors import HatNetError
+from ..engine.config import FRACTION, NON_NEGATIVE, POSITIVE, Range, TrainConfig, check_ranges
+from ..engine.fitting import Choice
+from ..errors import DatasetError, HatNetError
 from ..fileio import atomic_write
 from ..models.hat_net import MIN_INPUT_SIZE
 from ..models.semantic_fpn import SemanticFPN
@@ -141,6 +145,108 @@ def segmentation_metrics(confusion: torch.Tensor) -> Dict[str, Any]:
                 aAcc=(true_positives.sum() / confusion.sum()).item(), IoU=iou.tolist(), Acc=acc.tolist())
 
 
+# The ``auto`` recipe (hatnet.engine.fitting): what the ADE20K recipe cannot know about other data.
+SIZE_SAMPLE = 200            # images whose headers are read to learn the data's sizes
+PAPER_SIZED = 0.75           # images with a median short side of at least this times the recipe's test scale
+PAPER_IMAGES = 1000          # ... and at least this many of them are ADE20K-like: the recipe is kept as it is
+CPU_BATCH = 8                # images per step on a CPU: a step of ~1-4 s at 64-128 px for hat_net_tiny
+SCRATCH_LR = 1e-3            # AdamW peak lr of a randomly initialised backbone at batch CPU_BATCH (not yet swept)
+SMALL_DATA_EPOCHS = 16       # passes over a small dataset when the user gives no length
+MIN_ITERS = 600
+
+
+def _detect_layout(task_cfg: 'SegmentationConfig') -> Optional[str]:
+    """The layout whose folders the dataset has, if it is not the configured one and exactly one fits."""
+    root = Path(task_cfg.data)
+    fits = [name for name, spec in LAYOUTS.items() if (root / spec.masks / spec.splits[0]).is_dir()]
+    return fits[0] if len(fits) == 1 and fits[0] != task_cfg.layout else None
+
+
+def _data_sizes(root: Path, layout: str) -> Tuple[int, List[int]]:
+    """(number of training images, short sides of up to SIZE_SAMPLE of them, spread over the split), from
+    the image headers."""
+    samples = find_samples(root, layout, get_layout(layout).splits[0])
+    step = max(1, len(samples) // SIZE_SAMPLE)
+    return len(samples), [min(image_size(image, DatasetError)) for image, _ in samples[::step]]
+
+
+def _round(value: float, multiple: int) -> int:
+    return max(multiple, multiple * round(value / multiple))
+
+
+def fit_recipe(task_cfg: 'SegmentationConfig', train_cfg: TrainConfig, given: frozenset,
+               device: torch.device) -> List[Choice]:
+    """The ``auto`` recipe's choices for this data (sizes and number of images) and device; see
+    :mod:`hatnet.engine.fitting`. ``given``: the settings the user passed, which the engine never overrides
+    and which the other choices follow (e.g. the lr of a given batch size). ADE20K-like data (many images
+    about as large as the recipe's scale) keeps the paper's recipe."""
+    if not Path(task_cfg.data).is_dir():
+        raise DatasetError(f'dataset folder not found: {task_cfg.data}')
+    choices = []
+    choose = lambda key, value, why: choices.append(Choice(key, value, why))  # noqa: E731
+    layout = task_cfg.layout
+    if 'layout' not in given and _detect_layout(task_cfg):
+        layout = _detect_layout(task_cfg)
+        spec = LAYOUTS[layout]
+        choose('layout', layout, f'the data has {spec.images}/ and {spec.masks}/{spec.splits[0]}/ folders')
+    images, short_sides = _data_sizes(Path(task_cfg.data), layout)
+    short = float(np.median(short_sides))
+    if short >= PAPER_SIZED * task_cfg.short_side and images >= PAPER_IMAGES:
+        return choices
+
+    # scale: the data's own size; the recipe would upsample a 128 px image four times to 512
+    short_side = task_cfg.short_side
+    if 'short_side' not in given and short < PAPER_SIZED * task_cfg.short_side:
+        short_side = min(task_cfg.short_side, _round(short, 32))
+        choose('short_side', short_side, f'images have a median short side of {short:.0f} px: test scale '
+                                         f'{short_side} instead of {task_cfg.short_side}')
+    crop_size = task_cfg.crop_size if 'crop_size' in given else min(task_cfg.crop_size, short_side)
+    if crop_size != task_cfg.crop_size:
+        choose('crop_size', crop_size, f'training crops of the test scale, {crop_size} px')
+    if short_side < PAPER_SIZED * SegmentationConfig.short_side:
+        # training scales 0.5-2x of a small image make shapes of a few pixels or crops of a few parts of one
+        choose('ratio_range', [0.75, 1.5], 'small images: training scales 0.75-1.5x instead of 0.5-2x')
+
+    batch = train_cfg.batch_size
+    if 'batch_size' not in given and device.type == 'cpu' and batch > CPU_BATCH:
+        batch = CPU_BATCH
+        choose('batch_size', batch, f'{batch} images per step on a CPU; the recipe\'s {train_cfg.batch_size} are '
+                                    f'for GPUs')
+    if 'norm' not in given and task_cfg.norm == 'bn' and batch < 16:
+        choose('norm', 'gn', f'GroupNorm in the head: batch statistics of {batch} images are too noisy')
+
+    global_batch = batch * int(os.environ.get('WORLD_SIZE', '1')) * train_cfg.accum_steps
+    iters = train_cfg.iters
+    if not ({'iters', 'epochs'} & given):
+        iters = min(iters or MIN_ITERS, max(MIN_ITERS, _round(SMALL_DATA_EPOCHS * images / global_batch, 100)))
+        if iters != train_cfg.iters:
+            choose('iters', iters, f'{images} training images: {iters} steps; the recipe\'s {train_cfg.iters} are '
+                                   f'for ADE20K\'s 20k')
+    if iters and train_cfg.eval_every > iters // 2 and 'eval_every' not in given:
+        every = max(1, _round(iters / 6, 50) if iters >= 300 else iters // 3)
+        choose('eval_every', every, f'evaluate about six times in {iters} steps')
+        if 'save_every' not in given:
+            choose('save_every', every, 'checkpoint at every evaluation')
+
+    scratch = task_cfg.pretrained is None
+    if scratch:
+        if task_cfg.drop_path_rate:
+            choose('drop_path_rate', 0.0, 'backbone from scratch on a short schedule: no stochastic depth')
+        lr_base = train_cfg.lr_base_size
+        if 'lr' not in given:
+            # SCRATCH_LR holds at CPU_BATCH images, scaled linearly: for lr_base_size images if set (the
+            # trainer scales it to the batch), else for the batch itself
+            lr = SCRATCH_LR * (lr_base or global_batch) / CPU_BATCH
+            choose('lr', lr, f'backbone from scratch: lr {SCRATCH_LR:g} at batch {CPU_BATCH}; the recipe\'s '
+                             f'{train_cfg.lr:g} fine-tunes ImageNet weights')
+        if 'warmup_iters' not in given and iters:
+            warmup = max(10, iters // 20)
+            choose('warmup_iters', warmup, f'backbone from scratch: {warmup} warm-up steps')
+        if 'clip_grad' not in given and train_cfg.clip_grad is None:
+            choose('clip_grad', 1.0, 'backbone from scratch: gradient norm clipped at 1')
+    return [choice for choice in choices if choice.key not in given]
+
+
 class SegmentationTask(Task):
     name = 'segmentation'
     primary_metric = 'mIoU'
@@ -236,20 +342,39 @@ class Segmentation(Prediction):
         """The mask in the run's colours (a palette image: its pixel values are the class indices)."""
         return colorize(self.mask, self.palette)
 
-    def overlay(self, alpha: float = 0.5) -> Image.Image:
-        """The colours blended over the input image (``alpha``: their opacity)."""
-        return Image.blend(self.input_picture(), self.colorized().convert('RGB'), alpha)
+    def overlay(self, alpha: float = 0.5, legend: bool = False) -> Image.Image:
+        """The input image with the colours of the predicted classes blended over it (``alpha``: their
+        opacity). Pixels of a class named 'background' keep the photo as it is; ``legend``: a swatch and the
+        name of every painted class below the image, largest first."""
+        photo = self.input_picture()
+        background = [i for i, name in enumerate(self.class_names) if name.lower() == 'background']
+        painted = ~np.isin(self.mask, background)
+        blended = Image.blend(photo, self.colorized().convert('RGB'), alpha)
+        picture = Image.composite(blended, photo, Image.fromarray(painted.astype(np.uint8) * 255, mode='L'))
+        if not legend:
+            return picture
+        counts = np.bincount(self.mask[painted], minlength=len(self.class_names))
+        return add_legend(picture, [(self.class_names[i], self.palette[i]) for i in np.argsort(-counts) if counts[i]])
+
+    def label_image(self) -> Image.Image:
+        """The class indices as a single-channel image: 8-bit (mode L) for up to 256 classes, else 16-bit."""
+        if len(self.class_names) <= 256:
+            return Image.fromarray(self.mask.astype(np.uint8), mode='L')
+        return Image.fromarray(self.mask.astype(np.uint16), mode='I;16')
 
     @staticmethod
     def files(out_dir, stem: str) -> Dict[str, Path]:
-        """The files :meth:`save` writes, by kind: ``<stem>_mask.png`` and ``<stem>_overlay.png``."""
-        return {kind: Path(out_dir) / f'{stem}_{kind}.png' for kind in ('mask', 'overlay')}
+        """The files :meth:`save` writes, by kind: ``<stem>_mask.png`` (:meth:`colorized`), ``<stem>_overlay.png``
+        (:meth:`overlay`) and ``<stem>_labels.png`` (:meth:`label_image`, the class index of every pixel, as the
+        dataset masks store them)."""
+        return {kind: Path(out_dir) / f'{stem}_{kind}.png' for kind in ('mask', 'overlay', 'labels')}
 
     def save(self, out_dir, stem: str, alpha: float = 0.5) -> Dict[str, Path]:
-        """Write the mask (:meth:`colorized`) and the overlay (:meth:`overlay`) to ``out_dir`` as :meth:`files`
-        names them; returns their paths by kind."""
+        """Write the label image, the colour mask and the overlay to ``out_dir`` as :meth:`files` names them;
+        returns their paths by kind."""
         files = self.files(out_dir, stem)
-        for kind, picture in (('mask', self.colorized()), ('overlay', self.overlay(alpha))):
+        pictures = dict(labels=self.label_image(), mask=self.colorized(), overlay=self.overlay(alpha, legend=True))
+        for kind, picture in pictures.items():
             atomic_write(files[kind], lambda tmp: picture.save(tmp, format='PNG'))
         return files
 
@@ -273,11 +398,16 @@ class SegmentationPredictor(Predictor):
         self.window = window          # sliding-window side, 0 for whole-image inference
         self.transform = eval_transform(short_side, *normalization(model_name))
 
+    def check_input(self, source: Optional[str], picture: Image.Image) -> None:
+        """An image that the test scale would leave under the model's 32 px (a long, thin one) is refused."""
+        check_resized_size([(source, picture)], self.short_side, MAX_SIDE_RATIO * self.short_side, MIN_INPUT_SIZE)
+
     def predict(self, images: Images, flip: bool = False) -> List[Segmentation]:
         """The class of every pixel (``flip``: averaged with the horizontally flipped image). Every image is read
         and checked before any is segmented."""
         inputs = read_inputs(images)
-        check_resized_size(inputs, self.short_side, MAX_SIDE_RATIO * self.short_side, MIN_INPUT_SIZE)
+        for source, picture in inputs:
+            self.check_input(source, picture)
         results = []
         for source, picture in inputs:
             pixels = tv_tensors.Image(pil_to_tensor(picture))
