@@ -350,16 +350,19 @@ def test_train_then_eval_json(runs, shapes, arch, capsys):
             _pycocotools_ap(annotation_file, runs / f'{arch}_results.json', iou_type), abs=1e-6)
 
 
-@pytest.mark.xfail(strict=False, reason='open, intermittent: with identical weights and modules, the Mask R-CNN '
-                                       'evaluated inside the trainer sometimes scores other detections than the one '
-                                       'DetectionTask.load builds (a 1-step model: bbox AP 0.0043 logged, 0.0003 '
-                                       'from det eval); cause not found yet')
 def test_eval_gives_the_numbers_the_trainer_logged(runs, shapes, capsys):
     capsys.readouterr()
     run(['det', 'eval', '--data', str(shapes), '--checkpoint', str(runs / 'maskrcnn'), '--json', '--workers', '0',
          '--device', 'cpu'])
     metrics = json.loads(capsys.readouterr().out)
     assert metrics['bbox_AP'] == pytest.approx(load_run_checkpoint(runs / 'maskrcnn').metrics['val_bbox_AP'], abs=1e-6)
+
+
+def test_the_metrics_do_not_depend_on_how_the_images_are_batched(runs, shapes):
+    # images of different sizes: a batch of three is padded to its largest, which one image alone is not
+    predictor = DetectionTask.load(runs / 'maskrcnn', 'cpu')
+    alone, batched = (predictor.evaluate(shapes, batch_size=size, workers=0) for size in (1, 3))
+    assert alone == pytest.approx(batched, rel=0, abs=0, nan_ok=True)
 
 
 def test_predict_writes_pngs_and_json(runs, shapes, tmp_path):

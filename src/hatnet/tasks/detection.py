@@ -198,7 +198,10 @@ def predict_coco(model: nn.Module, loader: DataLoader, device: torch.device,
     model.eval()
     results = []
     for images, targets in loader:
-        outputs = model([image.to(device, non_blocking=True) for image in images])
+        # one image per forward: a batch is padded to its largest image, and HAT-Net's norms and global
+        # attention see the padding, so batched detections would depend on which images share a batch (the
+        # trainer's evaluation, `det eval` and `det predict` then give one answer)
+        outputs = [model([image.to(device, non_blocking=True)])[0] for image in images]
         for output, target in zip(outputs, targets):
             results += coco_results(output, target['image_id'], category_ids)
     return results
