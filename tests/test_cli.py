@@ -84,8 +84,11 @@ def test_unknown_setting_is_one_line_naming_it(tmp_path, capsys):
 def test_default_recipe_of_each_task():
     assert recipe_for('cls', None, {}) == ('digits', {'paper': 'imagenet_paper'})
     assert recipe_for('cls', None, {'data': '/data/flowers'})[0] is None
-    assert recipe_for('seg', None, {})[0] == 'ade20k_semantic_fpn'
-    assert recipe_for('det', None, {'arch': 'maskrcnn'}) == ('coco_maskrcnn_1x', {'paper': 'coco_maskrcnn_1x'})
+    # the dense tasks start from 'auto': the paper's recipe fitted to the data
+    assert recipe_for('seg', None, {}) == ('auto', {'paper': 'ade20k_semantic_fpn', 'auto': 'ade20k_semantic_fpn'})
+    assert recipe_for('det', None, {'arch': 'maskrcnn'}) == ('auto', {'paper': 'coco_maskrcnn_1x',
+                                                                      'auto': 'coco_maskrcnn_1x'})
+    assert recipe_for('det', 'paper', {})[0] == 'paper'
     assert recipe_for('det', 'mine.yaml', {})[0] == 'mine.yaml'
     assert recipe_for('seg', None, {'resume': True})[0] is None  # the run's own config.yaml
 
