@@ -8,8 +8,8 @@ import typer
 from rich.table import Table
 
 from ..engine.run_dir import check_output_folder, check_outputs
-from ..errors import HatNetError
 from .app import console, det_app
+from .options import check_new_dataset_folder
 
 CHECKPOINT_HELP = 'Run directory (its best checkpoint) or checkpoint file.'
 
@@ -28,10 +28,7 @@ def shapes(
     per image, each in a random colour, size and rotation on a random noisy background (only geometry tells the
     classes apart), some overlapping; boxes and RLE masks of their visible parts."""
     from ..data.detection import write_shapes_dataset
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise HatNetError(f'{out} already exists and is not an empty folder; not writing into it')
-    if max_size < min_size:
-        raise HatNetError(f'--max-size {max_size} is smaller than --min-size {min_size}')
+    check_new_dataset_folder(out, min_size, max_size)
     write_shapes_dataset(out, train, val, size=(min_size, max_size), seed=seed, max_shapes=max_shapes)
     console().print(f'wrote {train} training and {val} validation images (COCO 2017 layout) to {out}')
 

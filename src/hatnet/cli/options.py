@@ -113,3 +113,12 @@ def settings_command(
     command.__doc__ = doc
     return command
 
+
+
+def check_new_dataset_folder(out, min_size: int, max_size: int) -> None:
+    """What ``seg shapes`` and ``det shapes`` refuse: an output that is not an empty folder, sizes out of order."""
+    from ..errors import HatNetError
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise HatNetError(f'{out} already exists and is not an empty folder; not writing into it')
+    if max_size < min_size:
+        raise HatNetError(f'--max-size {max_size} is smaller than --min-size {min_size}')

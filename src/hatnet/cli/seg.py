@@ -9,8 +9,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ..engine.run_dir import check_output_folder, check_outputs
-from ..errors import HatNetError
 from .app import console, seg_app
+from .options import check_new_dataset_folder
 
 LAYOUT_HELP = ('ade20k: images/ and annotations/{training,validation} (label 0 ignored, classes shifted by one); '
                'folders: images/ and masks/{train,val} with class-index PNGs and an optional classes.yaml')
@@ -33,9 +33,8 @@ def shapes(
     apart; 4 classes with 'background', the blended borders between regions unlabelled."""
     from ..data.segmentation import get_layout, write_shapes_dataset
     get_layout(layout)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise HatNetError(f'{out} already exists and is not an empty folder; not writing into it')
-    write_shapes_dataset(out, layout, train, val, size=(min_size, max(min_size, max_size)), seed=seed,
+    check_new_dataset_folder(out, min_size, max_size)
+    write_shapes_dataset(out, layout, train, val, size=(min_size, max_size), seed=seed,
                          max_shapes=max_shapes)
     console().print(f'wrote {train} training and {val} validation images ({layout} layout) to {out}')
 

@@ -19,7 +19,6 @@ just under a whole number that PyTorch's float64 arithmetic reaches (a side of 7
 63 in onnxruntime), so the image, and every detection after it, differs; ``_ResizeLikeEager`` computes the
 size in float64 in the graph, exactly as PyTorch does.
 """
-import copy
 import io
 import warnings
 from pathlib import Path
