@@ -115,7 +115,7 @@ def test_predict_writes_label_pngs_palette_masks_and_overlays_of_the_image_size(
     code, out, err = cli('seg', 'predict', *images, '--checkpoint', trained, '--out', tmp_path / 'pred', '--json')
     assert code == 0, err
     results = json.loads(out)
-    assert len(results) == 3
+    assert len(results) == 3 and json.loads((tmp_path / 'pred' / 'predictions.json').read_text()) == results
     predictor = SegmentationTask.load(trained, 'cpu')
     for image_path, result, direct in zip(images, results, predictor.predict(images)):
         image = Image.open(image_path)

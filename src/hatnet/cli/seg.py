@@ -116,14 +116,17 @@ def predict(
         json_out: bool = typer.Option(False, '--json', help='Print one JSON list instead of a table.'),
 ):
     """Segment images: per image <stem>_labels.png (class indices, single-channel), <stem>_mask.png (the same
-    indices as a colour-palette PNG) and <stem>_overlay.png (the colours over the photo, with a legend)."""
+    indices as a colour-palette PNG) and <stem>_overlay.png (the colours over the photo, with a legend); and
+    predictions.json, one entry per image (what --json prints)."""
     from ..data.images import find_images
+    from ..fileio import write_text_atomic
     from ..tasks.predictor import checked_batches, unique_stems
     from ..tasks.segmentation import Segmentation, SegmentationTask
     files = find_images(images)
     stems = unique_stems(files)
     check_output_folder(out)
-    check_outputs([path for stem in stems for path in Segmentation.files(out, stem).values()], overwrite)
+    check_outputs([*(path for stem in stems for path in Segmentation.files(out, stem).values()),
+                   out / 'predictions.json'], overwrite)
     predictor = SegmentationTask.load(checkpoint, device, short_side=short_side, slide=slide, window=window)
     results, names = [], iter(stems)
     # every image is read before anything is written; then a few at a time, so that a folder fits in memory
@@ -134,6 +137,7 @@ def predict(
             results.append(dict(image=summary['image'], size=summary['size'], labels=str(written['labels']),
                                 mask=str(written['mask']), overlay=str(written['overlay']),
                                 classes=summary['classes']))
+    write_text_atomic(out / 'predictions.json', json.dumps(results, indent=1))
     if json_out:
         print(json.dumps(results))
         return
