@@ -134,6 +134,22 @@ def test_predict_takes_folders_and_patterns_and_writes_pictures_and_a_csv(run, f
     assert 'matches no image' in capsys.readouterr().err
 
 
+def test_predict_takes_the_frames_of_a_video(run, tmp_path, capsys):
+    from test_images import write_video
+    video = write_video(tmp_path / 'clip.mp4', [COLOURS['red']] * 4 + [COLOURS['blue']] * 4)
+    capsys.readouterr()
+    assert hatnet('predict', video, '--frame-stride', 3, '--checkpoint', run, '--out', tmp_path / 'out',
+                  '--json') == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r['image'] for r in results] == [f'{video}#frame={i}' for i in (0, 3, 6)]
+    assert sorted(p.name for p in (tmp_path / 'out').glob('*.png')) == [f'clip_00000{i}.png' for i in (0, 3, 6)]
+    # the frames are what the model sees: the same top class as the frame saved as an image
+    Image.fromarray(np.full((32, 48, 3), COLOURS['blue'], np.uint8)).save(tmp_path / 'blue.png')
+    assert hatnet('predict', tmp_path / 'blue.png', '--checkpoint', run, '--json') == 0
+    still = json.loads(capsys.readouterr().out)[0]['predictions'][0]['name']
+    assert results[2]['predictions'][0]['name'] == still
+
+
 def test_predict_checks_every_image_before_writing_anything(run, folder, tmp_path, capsys):
     images = tmp_path / 'images'
     shutil.copytree(folder / 'val' / 'red', images)

@@ -112,3 +112,33 @@ def test_find_images_expands_folders_and_patterns_and_names_what_is_missing(tmp_
         find_images([tmp_path / 'missing.png'])
     with pytest.raises(InputError, match='matches no image'):
         find_images([str(tmp_path / '*.gif')])
+
+
+def write_video(path, colours, size=(48, 32)):
+    """A short MPEG-4 video whose frame i is filled with colours[i]."""
+    av = pytest.importorskip('av')
+    with av.open(str(path), mode='w') as container:
+        stream = container.add_stream('mpeg4', rate=10)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], 'yuv420p'
+        for colour in colours:
+            pixels = np.full((size[1], size[0], 3), colour, np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format='rgb24')))
+        container.mux(stream.encode())
+    return path
+
+
+def test_video_frames_are_inputs_read_in_any_order(tmp_path):
+    from hatnet.data.images import Frame, find_images
+    colours = [(20 * i, 255 - 20 * i, 128) for i in range(12)]
+    video = write_video(tmp_path / 'clip.mp4', colours)
+    frames = find_images([video], frame_stride=5)
+    assert frames == [Frame(video, 0), Frame(video, 5), Frame(video, 10)]
+    assert str(frames[1]) == f'{video}#frame=5' and frames[1].stem == 'clip_000005'
+    for frame in (frames[2], frames[0], frames[1], frames[1]):  # backwards and again: each its own picture
+        picture = np.asarray(read_image(frame)).reshape(-1, 3).mean(0)
+        assert np.abs(picture - colours[frame.index]).max() < 12, (frame, picture)
+    with pytest.raises(InputError, match='has only 12 frames'):
+        read_image(Frame(video, 12))
+    (tmp_path / 'broken.mp4').write_bytes(b'not a video')
+    with pytest.raises(InputError, match='cannot read video'):
+        find_images([tmp_path / 'broken.mp4'])

@@ -17,6 +17,7 @@ EXTRA_OF = {
     'onnx': 'export', 'onnxruntime': 'export',
     'fvcore': 'bench',
     'fastapi': 'serve', 'uvicorn': 'serve', 'python_multipart': 'serve',
+    'av': 'video',
 }
 
 

@@ -92,8 +92,9 @@ def evaluate(
 
 @app.command('predict')
 def predict_command(
-        images: List[str] = typer.Argument(..., help='Image files, folders (every image below them) or quoted '
+        images: List[str] = typer.Argument(..., help='Image or video files, folders (every image below them) or quoted '
                                                      "patterns such as 'photos/**/*.jpg'."),
+        frame_stride: int = typer.Option(1, min=1, help='Videos among the inputs (.mp4, .mov, ...): every Nth frame.'),
         checkpoint: Path = typer.Option(..., help='Run directory, checkpoint file, or original HAT-Net .pth.'),
         model: Optional[str] = typer.Option(None, help='Model name, for weights files of non-HAT-Net models.'),
         top_k: int = typer.Option(5, min=1, help='Classes per image.'),
@@ -111,7 +112,7 @@ def predict_command(
     from ..tasks.classification import ClassificationTask
     from ..tasks.predictor import checked_batches, unique_stems
 
-    files = find_images(images)
+    files = find_images(images, frame_stride)
     names = unique_stems(files)
     if out is not None:
         check_output_folder(out)

@@ -72,8 +72,9 @@ def eval_cmd(
 
 @det_app.command('predict')
 def predict_cmd(
-        images: List[str] = typer.Argument(..., help='Image files, folders (every image below them) or quoted '
+        images: List[str] = typer.Argument(..., help='Image or video files, folders (every image below them) or quoted '
                                                      "patterns such as 'photos/**/*.jpg'."),
+        frame_stride: int = typer.Option(1, min=1, help='Videos among the inputs (.mp4, .mov, ...): every Nth frame.'),
         checkpoint: Path = typer.Option(..., help=CHECKPOINT_HELP),
         out: Path = typer.Option(Path('predictions'), help='Folder for the drawn PNGs and predictions.json.'),
         overwrite: bool = typer.Option(False, help='Replace output files that exist.'),
@@ -91,7 +92,7 @@ def predict_cmd(
     from ..tasks.detection import DetectionTask, image_ids_for, write_json
     from ..tasks.predictor import checked_batches, unique_stems
 
-    files = find_images(images)
+    files = find_images(images, frame_stride)
     drawings = [out / f'{stem}.png' for stem in unique_stems(files)]
     check_output_folder(out)
     check_outputs([*drawings, out / 'predictions.json', *([results] if results else [])], overwrite)

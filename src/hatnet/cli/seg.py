@@ -102,8 +102,9 @@ def evaluate(
 
 @seg_app.command()
 def predict(
-        images: List[str] = typer.Argument(..., help='Image files, folders (every image below them) or quoted '
+        images: List[str] = typer.Argument(..., help='Image or video files, folders (every image below them) or quoted '
                                                      "patterns such as 'photos/**/*.jpg'."),
+        frame_stride: int = typer.Option(1, min=1, help='Videos among the inputs (.mp4, .mov, ...): every Nth frame.'),
         checkpoint: Path = typer.Option(..., help='Run directory (its best checkpoint) or a checkpoint file.'),
         out: Path = typer.Option(Path('seg_predictions'), help='Output folder.'),
         overwrite: bool = typer.Option(False, help='Replace output files that exist.'),
@@ -122,7 +123,7 @@ def predict(
     from ..fileio import write_text_atomic
     from ..tasks.predictor import checked_batches, unique_stems
     from ..tasks.segmentation import Segmentation, SegmentationTask
-    files = find_images(images)
+    files = find_images(images, frame_stride)
     stems = unique_stems(files)
     check_output_folder(out)
     check_outputs([*(path for stem in stems for path in Segmentation.files(out, stem).values()),

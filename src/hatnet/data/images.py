@@ -12,6 +12,7 @@
   a broken file stops a run before its first step, not in the middle of an evaluation.
 """
 import glob
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Sequence, Tuple, Type, Union
 
@@ -23,12 +24,35 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from ..errors import HatNetError, InputError
 
-__all__ = ['IMAGE_EXTENSIONS', 'ImageSource', 'check_image_file', 'find_images', 'image_size', 'read_image',
-           'read_image_tensor']
+__all__ = ['IMAGE_EXTENSIONS', 'VIDEO_EXTENSIONS', 'Frame', 'ImageSource', 'check_image_file', 'find_images',
+           'image_size', 'read_image', 'read_image_tensor']
 
-ImageSource = Union[str, Path, Image.Image, np.ndarray]
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+VIDEO_EXTENSIONS = ('.mp4', '.m4v', '.mov', '.avi', '.mkv', '.webm')
 GLOB_CHARACTERS = set('*?[')
+
+
+@dataclass(frozen=True)
+class Frame:
+    """Frame ``index`` (0-based, in the order the video shows them) of the video file ``path``: an image
+    source like a file path, read with PyAV (the ``video`` extra)."""
+    path: Path
+    index: int
+
+    def __str__(self) -> str:
+        return f'{self.path}#frame={self.index}'
+
+    @property
+    def name(self) -> str:
+        return f'{self.path.name}#frame={self.index}'
+
+    @property
+    def stem(self) -> str:
+        """What outputs named after it are called: ``clip_000030``."""
+        return f'{self.path.stem}_{self.index:06d}'
+
+
+ImageSource = Union[str, Path, Frame, Image.Image, np.ndarray]
 
 EXIF_ORIENTATION = 0x0112
 TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # rotated by 90 degrees: width and height swap
@@ -42,6 +66,8 @@ def read_image(source: ImageSource, error: Type[HatNetError] = InputError) -> Im
         return _array_to_rgb(source, 'the array', error)
     if isinstance(source, Image.Image):
         return _to_rgb(ImageOps.exif_transpose(source), 'the PIL image', error)
+    if isinstance(source, Frame):
+        return _VIDEOS.read(source, error)
     if not isinstance(source, (str, Path)):
         raise error(f'cannot read image {source!r}: expected a file path, a PIL image or a numpy array')
     with _open(source, error) as image:
@@ -59,15 +85,19 @@ def read_image_tensor(source: ImageSource, error: Type[HatNetError] = InputError
     return tv_tensors.Image(pil_to_tensor(read_image(source, error)))
 
 
-def find_images(inputs: Sequence[Union[str, Path]]) -> List[Path]:
-    """The image files that command-line inputs name, in order, each once: a file is itself; a folder is every
-    image below it (sorted, any depth, hidden files and folders left out); a pattern such as ``'photos/*.jpg'``
-    or ``'data/**/*.png'`` (quoted, so that hatnet expands it) its matches. A missing input, or one that names
-    no image, is an InputError."""
-    found: List[Path] = []
+def find_images(inputs: Sequence[Union[str, Path]], frame_stride: int = 1) -> List[Union[Path, Frame]]:
+    """The images that command-line inputs name, in order, each once: a file is itself; a video file
+    (``VIDEO_EXTENSIONS``) every ``frame_stride``-th of its frames; a folder is every image below it (sorted,
+    any depth, hidden files and folders left out); a pattern such as ``'photos/*.jpg'`` or ``'data/**/*.png'``
+    (quoted, so that hatnet expands it) its matches. A missing input, or one that names no image, is an
+    InputError."""
+    found: List[Union[Path, Frame]] = []
     for item in map(str, inputs):
         path = Path(item)
-        if path.is_dir():
+        if path.is_file() and path.suffix.lower() in VIDEO_EXTENSIONS:
+            files = _VIDEOS.frames(path, frame_stride)
+            what = f'video {path}'
+        elif path.is_dir():
             files = sorted(p for p in path.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
                            and not any(part.startswith('.') for part in p.relative_to(path).parts))
             what = f'folder {path}'
@@ -166,3 +196,58 @@ def _to_uint8(array: np.ndarray, name, error: Type[HatNetError]) -> np.ndarray:
         # 16 bits -> 8 bits: 65535 / 257 = 255, rounded to the nearest value
         return ((array.astype(np.uint32) + 128) // 257).astype(np.uint8)
     raise error(f'cannot read image {name}: unsupported pixel type {array.dtype}')
+
+
+class _VideoReader:
+    """Frames of one video at a time, decoded forward from where the last read stopped: reading the frames of
+    a video in order (as the predict commands do, twice) decodes it once per pass."""
+
+    def __init__(self):
+        self.path, self.container, self.decoded, self.next_index = None, None, None, 0
+
+    def _open(self, path: Path, error):
+        av = _import_av(error)
+        self.close()
+        try:
+            self.container = av.open(str(path))
+            self.decoded = self.container.decode(video=0)
+        except (av.FFmpegError, IndexError, OSError) as e:
+            self.close()
+            raise error(f'cannot read video {path}: {e}') from None
+        self.path, self.next_index = path, 0
+
+    def close(self) -> None:
+        if self.container is not None:
+            self.container.close()
+        self.path, self.container, self.decoded, self.next_index = None, None, None, 0
+
+    def frames(self, path: Path, stride: int) -> List[Frame]:
+        """Every ``stride``-th frame of the video (it is decoded once to count them: containers do not all
+        store the count)."""
+        self._open(path, InputError)
+        count = sum(1 for _ in self.decoded)
+        self.close()
+        return [Frame(path, index) for index in range(0, count, stride)]
+
+    def read(self, frame: Frame, error) -> Image.Image:
+        if frame.path != self.path or frame.index < self.next_index:
+            self._open(frame.path, error)
+        try:
+            for decoded in self.decoded:
+                self.next_index += 1
+                if self.next_index - 1 == frame.index:
+                    return decoded.to_image().convert('RGB')
+        except Exception as e:  # PyAV's decoding errors
+            raise error(f'cannot read {frame}: {e}') from None
+        raise error(f'cannot read {frame}: the video has only {self.next_index} frames')
+
+
+def _import_av(error):
+    try:
+        import av
+    except ImportError:
+        raise error("reading videos needs PyAV, which is not installed: pip install 'hatnet[video]'") from None
+    return av
+
+
+_VIDEOS = _VideoReader()

@@ -486,7 +486,8 @@ def image_ids_for(images: Sequence, annotations=None) -> List[int]:
     except (ValueError, TypeError, KeyError):
         raise DatasetError(f'{annotations} is not a COCO json with an image list of ids and file names') from None
     ids = []
-    for image in map(Path, images):
+    for image in images:
+        image = image if hasattr(image, 'name') else Path(image)  # a path, or a video frame
         found = by_name.get(image.name, [])
         if len(found) != 1:
             raise DatasetError(f'{annotations} lists {"no" if not found else len(found)} image(s) named '

@@ -22,7 +22,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from ..data.images import ImageSource, read_image
+from ..data.images import Frame, ImageSource, read_image
 from ..engine.checkpoint import RunCheckpoint, load_run_checkpoint
 from ..engine.distributed import resolve_device
 from ..errors import CheckpointError, InputError
@@ -85,9 +85,9 @@ class Predictor(ABC):
 
 def read_inputs(images: Images) -> List[Tuple[Optional[str], Image.Image]]:
     """(source, RGB image) for each input: the source is the file path, None for an image given in memory."""
-    if isinstance(images, (str, Path, Image.Image, np.ndarray)):
+    if isinstance(images, (str, Path, Frame, Image.Image, np.ndarray)):
         images = [images]
-    return [(str(image) if isinstance(image, (str, Path)) else None, read_image(image)) for image in images]
+    return [(str(image) if isinstance(image, (str, Path, Frame)) else None, read_image(image)) for image in images]
 
 
 def check_resized_size(inputs: Sequence[Tuple[Optional[str], Image.Image]], short_side: int, max_size: int,
@@ -117,10 +117,11 @@ def read_run(run_or_checkpoint, task: str, bare_weights: bool = False) -> RunChe
     return run
 
 
-def unique_stems(paths: Sequence[Union[str, Path]]) -> List[str]:
+def unique_stems(paths: Sequence[Union[str, Path, Frame]]) -> List[str]:
     """Names for the outputs of ``paths``: their stems, or, where two stems are equal (``a/cat.jpg``,
     ``b/cat.jpg``), the path below the inputs' common folder with ``_`` for the separators (``a_cat``)."""
-    paths = [Path(p).absolute() for p in paths]
+    # a video frame is named as an image file beside its video would be: clip_000030
+    paths = [(p.path.with_name(f'{p.stem}.png') if isinstance(p, Frame) else Path(p)).absolute() for p in paths]
     stems = [p.stem for p in paths]
     if len(set(stems)) == len(stems):
         return stems
