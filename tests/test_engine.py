@@ -408,3 +408,11 @@ def test_a_file_that_breaks_mid_run_keeps_the_work_done_and_resume_ends_as_if_no
     full, resumed = _params(tmp_path / 'full'), _params(tmp_path / 'run')
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     assert _rows(tmp_path / 'full') == _rows(tmp_path / 'run')
+
+
+def test_the_fitting_reads_the_processes_torchrun_announces(monkeypatch):
+    from hatnet.engine.fitting import launched_processes
+    assert launched_processes() == launched_processes(local=True) == 1
+    monkeypatch.setenv('WORLD_SIZE', '8')
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '4')  # two machines of four
+    assert (launched_processes(), launched_processes(local=True)) == (8, 4)

@@ -111,11 +111,10 @@ def recipe_for(task: str, recipe: Optional[str], options: Dict[str, Any]) -> Tup
 def fit_to_data(module, train_cfg, task_cfg, given) -> List[Choice]:
     """The ``auto`` recipe's choices for this data and machine (applied to the configs, user's options kept)."""
     from ..engine.distributed import resolve_device
-    from ..engine.fitting import apply_choices, machine_choices
+    from ..engine.fitting import apply_choices, launched_processes, machine_choices
 
     device = resolve_device(train_cfg.device)
-    processes = int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
-    choices = machine_choices(train_cfg, device, processes)
+    choices = machine_choices(train_cfg, device, launched_processes(local=True))
     fit_recipe = getattr(module, 'fit_recipe', None)  # a task's own fitting to its data, if it has one
     if fit_recipe is not None:
         choices += fit_recipe(task_cfg, train_cfg, frozenset(given), device)

@@ -29,6 +29,12 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def launched_processes(local: bool = False) -> int:
+    """Training processes of the run, as torchrun announces them before any process group exists: all of them
+    (``WORLD_SIZE``: the global batch), or those on this machine (``local``: its CPUs are shared by them)."""
+    return int(os.environ.get('LOCAL_WORLD_SIZE' if local else 'WORLD_SIZE', '1'))
+
+
 def machine_choices(train_cfg, device: torch.device, processes: int = 1) -> List[Choice]:
     """What the machine decides, for any task: loader processes from the CPUs left per training process."""
     cpus = max(1, cpu_count() // max(1, processes))

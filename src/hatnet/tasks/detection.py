@@ -10,6 +10,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -28,7 +29,7 @@ from ..data.detection import CocoDetection, check_same_categories, collate, dete
 from ..drawing import draw_label, font_for
 from ..engine import Task, load_weights, worker_errors_unwrapped
 from ..engine import distributed as dist
-from ..engine.fitting import Choice
+from ..engine.fitting import Choice, launched_processes
 from ..engine.config import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, Range, TrainConfig, check_ranges
 from ..errors import DatasetError
 from ..fileio import write_csv_atomic, write_text_atomic
@@ -312,7 +313,7 @@ def fit_recipe(task_cfg: DetectionConfig, train_cfg: TrainConfig, given: frozens
         batch = int(min(PAPER_BATCH, max(2, PAPER_PIXELS // pixels)))
         choices.append(Choice('batch_size', batch, f'{min_size}x{max_size} images: {batch} fit in the pixels of '
                                                    f'the paper\'s 2 images at 1333x800'))
-    global_batch = batch * train_cfg.accum_steps * dist_world_size()
+    global_batch = batch * train_cfg.accum_steps * launched_processes()
     if task_cfg.pretrained:
         lr = train_cfg.lr * global_batch / PAPER_BATCH
         why = f'the recipe\'s lr for batch {PAPER_BATCH}, scaled linearly to {global_batch}'
@@ -331,7 +332,7 @@ def fit_recipe(task_cfg: DetectionConfig, train_cfg: TrainConfig, given: frozens
                                                           f'{rois} sampled RoIs per image are enough'))
 
     # schedule: the run's length in steps, its lr steps at the recipe's fractions, warm-up and evaluations
-    steps_per_epoch = max(1, stats.images // (batch * train_cfg.accum_steps * dist_world_size()))
+    steps_per_epoch = max(1, stats.images // (batch * train_cfg.accum_steps * launched_processes()))
     length_given = bool({'epochs', 'iters'} & given)
     if length_given:
         total = train_cfg.iters or train_cfg.epochs * steps_per_epoch
@@ -351,12 +352,6 @@ def fit_recipe(task_cfg: DetectionConfig, train_cfg: TrainConfig, given: frozens
                                                f'of the {total}-step run'),
                 Choice('warmup_epochs', 0.0, 'warm-up given in steps (the recipe\'s 0.068 epochs are COCO\'s 500)')]
     return [c for c in choices if c.key not in given]
-
-
-def dist_world_size() -> int:
-    """Training processes (torchrun sets WORLD_SIZE before the process group exists)."""
-    import os
-    return int(os.environ.get('WORLD_SIZE', '1'))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -392,18 +387,21 @@ class Detection(Prediction):
             draw_label(draw, (box[0], box[1] - height - width), f'{label} {score:.2f}', colour, font, drawn.size)
         return drawn
 
+    @cached_property
+    def _entries(self) -> List[dict]:
+        # encoded once: the masks' RLE is the costly part, and predict writes both forms
+        return _coco_entries(self.boxes, self.category_ids, self.scores.tolist(), self.masks)
+
     def to_dict(self) -> Dict[str, Any]:
         """The image and its detections as COCO result entries (category_id, bbox as x, y, width, height, score,
         segmentation as RLE for masks) with the class name as ``label``."""
-        entries = _coco_entries(self.boxes, self.category_ids, self.scores.tolist(), self.masks)
-        detections = [dict(entry, label=label) for entry, label in zip(entries, self.labels)]
+        detections = [dict(entry, label=label) for entry, label in zip(self._entries, self.labels)]
         return dict(image=self.image, detections=detections)
 
     def coco_results(self, image_id: int) -> List[dict]:
         """The detections as entries of a COCO results json (image_id, category_id, bbox x, y, width, height,
         score, and segmentation as compressed RLE for masks), for ``pycocotools`` ``loadRes``."""
-        entries = _coco_entries(self.boxes, self.category_ids, self.scores.tolist(), self.masks)
-        return [dict(image_id=int(image_id), **entry) for entry in entries]
+        return [dict(image_id=int(image_id), **entry) for entry in self._entries]
 
 
 def _category_colour(category_id: int) -> Tuple[int, int, int]:

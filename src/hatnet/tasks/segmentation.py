@@ -15,7 +15,6 @@ averaging are optional.
 Inference: ``SegmentationTask.load(run)`` (or ``hatnet.load``) -> :class:`SegmentationPredictor`, whose
 ``predict(images)`` gives a :class:`Segmentation` (a class-index mask at the image's size) per image.
 """
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -38,7 +37,7 @@ from ..data.segmentation import (
     get_layout, load_data, make_palette, train_transform)
 from ..engine import Task, distributed, load_weights, worker_errors_unwrapped
 from ..engine.config import FRACTION, NON_NEGATIVE, POSITIVE, Range, TrainConfig, check_ranges
-from ..engine.fitting import Choice
+from ..engine.fitting import Choice, launched_processes
 from ..errors import DatasetError, HatNetError
 from ..fileio import atomic_write
 from ..models.hat_net import MIN_INPUT_SIZE
@@ -185,8 +184,9 @@ def fit_recipe(task_cfg: 'SegmentationConfig', train_cfg: TrainConfig, given: fr
     choices = []
     choose = lambda key, value, why: choices.append(Choice(key, value, why))  # noqa: E731
     layout = task_cfg.layout
-    if 'layout' not in given and _detect_layout(task_cfg):
-        layout = _detect_layout(task_cfg)
+    detected = None if 'layout' in given else _detect_layout(task_cfg)
+    if detected:
+        layout = detected
         spec = LAYOUTS[layout]
         choose('layout', layout, f'the data has {spec.images}/ and {spec.masks}/{spec.splits[0]}/ folders')
     images, short_sides = _data_sizes(Path(task_cfg.data), layout)
@@ -215,7 +215,7 @@ def fit_recipe(task_cfg: 'SegmentationConfig', train_cfg: TrainConfig, given: fr
     if 'norm' not in given and task_cfg.norm == 'bn' and batch < 16:
         choose('norm', 'gn', f'GroupNorm in the head: batch statistics of {batch} images are too noisy')
 
-    global_batch = batch * int(os.environ.get('WORLD_SIZE', '1')) * train_cfg.accum_steps
+    global_batch = batch * launched_processes() * train_cfg.accum_steps
     iters = train_cfg.iters
     if not ({'iters', 'epochs'} & given):
         iters = min(iters or MIN_ITERS, max(MIN_ITERS, _round(SMALL_DATA_EPOCHS * images / global_batch, 100)))
