@@ -267,3 +267,16 @@ def test_det_predict_never_replaces_a_runs_files(det_run, tmp_path):
     (tmp_path / 'det.onnx').write_bytes(b'mine')
     assert 'exists already' in one_line_error('export', det_run, '--onnx', tmp_path / 'det.onnx')
     assert (tmp_path / 'det.onnx').read_bytes() == b'mine'
+
+
+@pytest.mark.parametrize('task', ['seg', 'det'])
+def test_shapes_commands_write_a_new_folder_only(task, tmp_path):
+    out = tmp_path / 'shapes'
+    assert hatnet(task, 'shapes', out, '--train', 2, '--val', 1, '--min-size', 40, '--max-size', 48)[0] == 0
+    written = sorted(p.relative_to(out) for p in out.rglob('*'))
+    assert len([p for p in written if p.suffix in ('.png', '.jpg')]) >= 3
+    assert 'already exists' in one_line_error(task, 'shapes', out, '--train', 2)
+    assert sorted(p.relative_to(out) for p in out.rglob('*')) == written
+    assert 'smaller than --min-size 64' in one_line_error(task, 'shapes', tmp_path / 'new', '--min-size', 64,
+                                                           '--max-size', 40)
+    assert not (tmp_path / 'new').exists()

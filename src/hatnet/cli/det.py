@@ -9,20 +9,21 @@ from rich.table import Table
 
 from ..engine.run_dir import check_output_folder, check_outputs
 from .app import console, det_app
-from .options import check_new_dataset_folder
+from .options import (ShapesMax, ShapesMaxSize, ShapesMinSize, ShapesOut, ShapesSeed, ShapesTrain, ShapesVal,
+                      check_new_dataset_folder)
 
 CHECKPOINT_HELP = 'Run directory (its best checkpoint) or checkpoint file.'
 
 
 @det_app.command()
 def shapes(
-        out: Path = typer.Argument(..., help='Output folder (must not exist or be empty).'),
-        train: int = typer.Option(300, min=1, help='Training images.'),
-        val: int = typer.Option(60, min=1, help='Validation images.'),
-        min_size: int = typer.Option(96, min=32, help='Smallest image side.'),
-        max_size: int = typer.Option(128, min=32, help='Largest image side.'),
-        max_shapes: int = typer.Option(3, min=1, help='Most shapes per image.'),
-        seed: int = typer.Option(0, help='Random seed.'),
+        out: ShapesOut,
+        train: ShapesTrain = 300,
+        val: ShapesVal = 60,
+        min_size: ShapesMinSize = 96,
+        max_size: ShapesMaxSize = 128,
+        max_shapes: ShapesMax = 3,
+        seed: ShapesSeed = 0,
 ):
     """Write a synthetic COCO-2017-layout dataset to try detection offline: 1-3 circles, squares and triangles
     per image, each in a random colour, size and rotation on a random noisy background (only geometry tells the

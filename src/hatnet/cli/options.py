@@ -12,7 +12,8 @@ and str options, ``--x/--no-x`` flags for bools, comma-separated values for list
 import dataclasses
 import inspect
 import typing
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import typer
 import yaml
@@ -115,7 +116,17 @@ def settings_command(
 
 
 
-def check_new_dataset_folder(out, min_size: int, max_size: int) -> None:
+# the options of ``seg shapes`` and ``det shapes`` (hatnet.data.shapes draws the scenes of both)
+ShapesOut = Annotated[Path, typer.Argument(help='Output folder (must not exist or be empty).')]
+ShapesTrain = Annotated[int, typer.Option(min=1, help='Training images.')]
+ShapesVal = Annotated[int, typer.Option(min=1, help='Validation images.')]
+ShapesMinSize = Annotated[int, typer.Option(min=32, help='Smallest image side.')]
+ShapesMaxSize = Annotated[int, typer.Option(min=32, help='Largest image side.')]
+ShapesMax = Annotated[int, typer.Option(min=1, help='Most shapes per image.')]
+ShapesSeed = Annotated[int, typer.Option(help='Random seed.')]
+
+
+def check_new_dataset_folder(out: Path, min_size: int, max_size: int) -> None:
     """What ``seg shapes`` and ``det shapes`` refuse: an output that is not an empty folder, sizes out of order."""
     from ..errors import HatNetError
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

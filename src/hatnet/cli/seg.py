@@ -10,7 +10,8 @@ from rich.text import Text
 
 from ..engine.run_dir import check_output_folder, check_outputs
 from .app import console, seg_app
-from .options import check_new_dataset_folder
+from .options import (ShapesMax, ShapesMaxSize, ShapesMinSize, ShapesOut, ShapesSeed, ShapesTrain, ShapesVal,
+                      check_new_dataset_folder)
 
 LAYOUT_HELP = ('ade20k: images/ and annotations/{training,validation} (label 0 ignored, classes shifted by one); '
                'folders: images/ and masks/{train,val} with class-index PNGs and an optional classes.yaml')
@@ -19,14 +20,14 @@ SLIDE_HELP = 'Sliding-window inference (windows of the crop size, overlapping by
 
 @seg_app.command()
 def shapes(
-        out: Path = typer.Argument(..., help='Output folder (must not exist or be empty).'),
+        out: ShapesOut,
         layout: str = typer.Option('folders', help='folders or ade20k.'),
-        train: int = typer.Option(300, min=1, help='Training images.'),
-        val: int = typer.Option(60, min=1, help='Validation images.'),
-        min_size: int = typer.Option(96, min=32, help='Smallest image side.'),
-        max_size: int = typer.Option(128, min=32, help='Largest image side.'),
-        max_shapes: int = typer.Option(3, min=1, help='Most shapes per image.'),
-        seed: int = typer.Option(0, help='Random seed.'),
+        train: ShapesTrain = 300,
+        val: ShapesVal = 60,
+        min_size: ShapesMinSize = 96,
+        max_size: ShapesMaxSize = 128,
+        max_shapes: ShapesMax = 3,
+        seed: ShapesSeed = 0,
 ):
     """Write a synthetic dataset to try training offline: 1-3 circles, squares and triangles per image, each in
     a random colour, size and rotation on a random noisy background, so that only geometry tells the classes
