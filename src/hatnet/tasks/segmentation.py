@@ -149,7 +149,7 @@ SIZE_SAMPLE = 200            # images whose headers are read to learn the data's
 PAPER_SIZED = 0.75           # images with a median short side of at least this times the recipe's test scale
 PAPER_IMAGES = 1000          # ... and at least this many of them are ADE20K-like: the recipe is kept as it is
 CPU_BATCH = 8                # images per step on a CPU: a step of ~1-4 s at 64-128 px for hat_net_tiny
-SCRATCH_LR = 1e-3            # AdamW peak lr of a randomly initialised backbone at batch CPU_BATCH (not yet swept)
+SCRATCH_LR = 1e-3            # AdamW peak lr of a randomly initialised backbone at batch CPU_BATCH (3x scores the same)
 SMALL_DATA_EPOCHS = 16       # passes over a small dataset when the user gives no length
 MIN_ITERS = 600
 
@@ -237,8 +237,9 @@ def fit_recipe(task_cfg: 'SegmentationConfig', train_cfg: TrainConfig, given: fr
             # SCRATCH_LR holds at CPU_BATCH images, scaled linearly: for lr_base_size images if set (the
             # trainer scales it to the batch), else for the batch itself
             lr = SCRATCH_LR * (lr_base or global_batch) / CPU_BATCH
-            choose('lr', lr, f'backbone from scratch: lr {SCRATCH_LR:g} at batch {CPU_BATCH}; the recipe\'s '
-                             f'{train_cfg.lr:g} fine-tunes ImageNet weights')
+            per = f' (the value is per {lr_base} images: the recipe scales lr to the batch)' if lr_base else ''
+            choose('lr', lr, f'backbone from scratch: lr {SCRATCH_LR * global_batch / CPU_BATCH:g} at this batch of '
+                             f'{global_batch}{per}; the recipe\'s {train_cfg.lr:g} fine-tunes ImageNet weights')
         if 'warmup_iters' not in given and iters:
             warmup = max(10, iters // 20)
             choose('warmup_iters', warmup, f'backbone from scratch: {warmup} warm-up steps')
