@@ -1,5 +1,6 @@
 """``hatnet bench``: throughput, batch-1 latency, peak memory and MACs of HAT-Net and timm peers, side by side."""
-from .measure import describe_machine, keep_freed_memory, load_average, peak_memory_mb
+from ..models.runtime import keep_freed_memory
+from .measure import describe_machine, load_average, peak_memory_mb
 from .report import compare_table, plot, table, write_csv
 from .runner import (DEFAULT_MODELS, DEFAULT_RESOLUTIONS, GLOBAL_SUFFIX, BenchConfig, BenchRow, build_model,
                      parse_pair, parse_resolution, run_bench, timm_name)

@@ -41,22 +41,6 @@ def _release_free_heap() -> None:
         pass
 
 
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory for reuse instead of returning it to the OS (process-wide, Linux/glibc).
-
-    By default glibc serves every block over 32 MiB with a fresh mmap and unmaps it on free, so each large
-    activation (e.g. a 16 x 384 x 56 x 56 float map, 77 MiB) is zero-filled page by page by the kernel on
-    every forward pass. This is the effect of LD_PRELOAD-ing jemalloc or tcmalloc, as CPU inference guides
-    recommend. Returns False where it is not available.
-    """
-    try:
-        libc = ctypes.CDLL('libc.so.6')
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, 2 ** 30) and libc.mallopt(m_trim_threshold, 2 ** 62))
-
-
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
     """Peak memory of one call of ``fn`` above what was in use before it, in MiB.
 

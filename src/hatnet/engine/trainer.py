@@ -48,6 +48,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..fileio import append_text, load_file, save_atomic, write_text_atomic
 from ..errors import CheckpointError, DatasetError, HatNetError
+from ..models.runtime import keep_freed_memory
 from . import distributed as dist
 from .checkpoint import BEST, FORMAT, LAST, capture_rng_state, load_weights, restore_rng_state
 from .fitting import Choice
@@ -186,6 +187,10 @@ class Trainer:
         self._prepare_run_dir(lock)
 
         model.to(device)
+        if device.type == 'cpu':
+            # a CPU step allocates and frees the same large activations every time: glibc would hand them back
+            # to the OS and page-fault them in afresh each step (5-15 % of a step, docs/performance.md)
+            keep_freed_memory()
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model

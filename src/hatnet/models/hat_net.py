@@ -22,6 +22,11 @@ gives NCHW). On CPU the depth-wise and 1x1 convolutions are several times faster
 views of the projection that ``F.scaled_dot_product_attention`` reads directly, and its output is already
 the NHWC map: H-MHSA copies data only to gather and scatter the grid cells.
 
+bf16 (CPU autocast): the norms read and write bf16 maps (statistics in float32 inside PyTorch's kernel)
+instead of writing float32 maps that the next convolution casts back, and the attention runs as two matrix
+products and a softmax, because PyTorch's fused CPU attention kernel is several times slower in bf16 for these
+short sequences, above all in the backward pass. float32 runs take neither path (outputs unchanged).
+
 Tracing tools: ``torch.fx`` tracers (timm's and torchvision's ``create_feature_extractor``) keep the input
 check and the local step as leaf calls. Under ``torch.compile`` and ``torch.export`` (``is_compiling()``) the
 model keeps NCHW and writes reshapes, the edge crop, the ceil-mode pooling and the cell mask in forms whose
@@ -76,6 +81,12 @@ torch.fx.wrap('check_image_batch')
 torch.fx.node.has_side_effect(check_image_batch)
 
 
+@torch.jit.unused
+def _cpu_autocast_on(x: torch.Tensor) -> bool:
+    """CPU autocast is on and x is on the CPU (autocast's own test first: a plain bool under torch.fx tracers)."""
+    return torch.is_autocast_enabled('cpu') and x.device.type == 'cpu'
+
+
 class GroupNorm1(nn.GroupNorm):
     """GroupNorm with one group (the original's norm layer), computed on the channels_last memory order.
 
@@ -93,9 +104,27 @@ class GroupNorm1(nn.GroupNorm):
             # compilers write their own reduction; the views of the channels_last form would make symbolic
             # shape tracers guard on the map size and layout
             return F.group_norm(x, 1, self.weight, self.bias, self.eps)
+        if not torch.jit.is_scripting() and _cpu_autocast_on(x):
+            # CPU autocast (bf16): the map stays in the low-precision dtype. PyTorch's CPU kernel takes a bf16 map
+            # with the float32 affine, accumulates the statistics in float32 and writes bf16, fused with the
+            # affine: one pass instead of a float32 output map and the next convolution's cast of it back
+            return F.group_norm(x.to(torch.get_autocast_dtype('cpu')), 1, self.weight, self.bias, self.eps)
         x = x.permute(0, 2, 3, 1)  # (B, H, W, C), a view of the channels_last map
         normed = F.group_norm(x.reshape(x.shape[0], 1, -1), 1, eps=self.eps).view(x.shape)
         return torch.addcmul(self.bias, normed, self.weight).permute(0, 3, 1, 2)
+
+
+class SiLU(nn.SiLU):
+    """``nn.SiLU`` that works in place only where autograd does not record it.
+
+    An in-place SiLU inside a training graph makes autograd save a copy of its input for the backward pass
+    (a clone: one more pass over the map); out of place, autograd keeps the input it has anyway. With grad
+    mode off (inference) it stays in place. Same values either way.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # grad mode rather than x.requires_grad: a plain bool for torch.fx tracers
+        return F.silu(x, inplace=self.inplace and not torch.is_grad_enabled())
 
 
 def _reshape(x: torch.Tensor, shape: List[int]) -> torch.Tensor:
@@ -135,6 +164,28 @@ def _from_heads(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(B, heads, H * W, head_dim) -> (B, heads * head_dim, H, W) in channels_last, a view of SDPA's output."""
     B, num_heads, _, head_dim = x.shape
     return _nchw(_reshape(x.transpose(1, 2), [B, height, width, num_heads * head_dim]).permute(0, 3, 1, 2))
+
+
+@register_notrace_function  # a leaf for timm's tracer: it decides on dtypes and devices
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)``: softmax(q k^T / sqrt(head_dim)) v.
+
+    bf16 / fp16 on CPU (autocast): as two matrix products and a softmax. PyTorch's fused CPU kernel is slower
+    there for these short sequences (49-64 keys) by 1.2-1.8x in the forward and 3-6x in forward + backward,
+    while the matrix products run on the bf16 GEMMs. float32, other devices and traced / compiled graphs keep
+    the fused kernel (float32 outputs unchanged).
+    """
+    if (q.dtype == torch.bfloat16 or q.dtype == torch.float16) and q.device.type == 'cpu' \
+            and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask, float('-inf'))
+        return scores.softmax(-1) @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+
+
+torch.fx.wrap('_attention')  # and for every other torch.fx tracer
 
 
 def _grid_cells(height: int, width: int, grid_size: int) -> Tuple[int, int]:
@@ -198,7 +249,7 @@ def grid_attention(qkv: torch.Tensor, grid_size: int, num_heads: int) -> torch.T
     """
     B, C3, H, W = qkv.shape
     q, k, v, key_mask = _gather_cells(qkv, grid_size, num_heads)
-    x = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B * cells, heads, G * G, head_dim)
+    x = _attention(q, k, v, key_mask)  # (B * cells, heads, G * G, head_dim)
     # scatter the cells back: (B, rows, cols, G, G, C) -> (B, rows * G, cols * G, C), cropped to H x W
     rows, cols = _grid_cells(H, W, grid_size)
     x = _reshape(x.transpose(1, 2), [B, rows, cols, grid_size, grid_size, C3 // 3]).transpose(2, 3)
@@ -288,13 +339,13 @@ class HierarchicalAttention(nn.Module):
         qkv = self.qkv(self.norm(x))
         if self.grid_norm is None:
             q, k, v = _to_heads(qkv, 3, self.num_heads, self.head_dim).unbind(0)
-            out = _from_heads(F.scaled_dot_product_attention(q, k, v), H, W)
+            out = _from_heads(_attention(q, k, v), H, W)
         else:
             # local step: L = GN_grid(X + Attn_cell(qkv(GN(X))))
             local = self.grid_norm(x + grid_attention(qkv, self.grid_size, self.num_heads))
             # global step: Y = L + Attn(q(L), kv(GN_ds(AvgPool(L))))
             q, k, v = self._global_qkv(local)
-            out = local + _from_heads(F.scaled_dot_product_attention(q, k, v), H, W)
+            out = local + _from_heads(_attention(q, k, v), H, W)
         if self.training:
             # the unused proj_norm joins the graph through proj's weight (C x C values, not a pass over the map)
             zero = 0. * (self.proj_norm.weight.sum() + self.proj_norm.bias.sum())
@@ -350,10 +401,10 @@ class InvertedResidual(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         self.norm = GroupNorm1(dim, **dd)
         self.fc1 = nn.Conv2d(dim, hidden_dim, 1, bias=False, **dd)
-        self.act1 = nn.SiLU(inplace=True)
+        self.act1 = SiLU(inplace=True)
         self.conv_dw = nn.Conv2d(
             hidden_dim, hidden_dim, kernel_size, padding=kernel_size // 2, groups=hidden_dim, bias=False, **dd)
-        self.act2 = nn.SiLU(inplace=True)
+        self.act2 = SiLU(inplace=True)
         self.drop1 = nn.Dropout2d(drop)
         self.fc2 = nn.Conv2d(hidden_dim, dim, 1, bias=False, **dd)
         self.norm_out = GroupNorm1(dim, **dd)
@@ -402,7 +453,7 @@ class Stem(nn.Module):
         self.in_chans = in_chans
         self.conv1 = nn.Conv2d(in_chans, mid_chs, 3, stride=2, padding=1, **dd)
         self.norm1 = GroupNorm1(mid_chs, **dd)
-        self.act = nn.SiLU(inplace=True)
+        self.act = SiLU(inplace=True)
         self.conv2 = nn.Conv2d(mid_chs, out_chs, 3, stride=2, padding=1, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,9 @@ Each block's MLP (``InvertedResidual``) expands the map 4-8x (hat_net_tiny's fir
 floats, 4.6 MiB per image) and passes over that hidden map four times (expand, SiLU, depth-wise, SiLU).
 Run on slices of the batch whose hidden map is at most ``SLICE_BYTES``, those passes hit the cache instead
 of memory: hat_net_tiny and small at batch 16, 224 x 224 gain about 1.4x in throughput. Every operation of
-the MLP is per image, so the output is the whole batch's.
+the MLP is per image, so the output is the whole batch's. Under CPU bf16 autocast the two SiLUs also run
+inside the convolutions before them (oneDNN's fused epilogue): PyTorch's separate bf16 SiLU pass is
+compute-bound and cost ~10 % of hat_net_tiny's bf16 inference.
 
 ``optimize_for_cpu(model)`` switches a model to this form in place. It is always safe to apply: the sliced
 MLP runs the whole batch in training, on other devices, and under torch.compile and tracing (their graphs
@@ -12,8 +14,13 @@ must not depend on the batch size); timm's torch.fx tracer keeps it as one call,
 get the whole-batch MLP, and torch.jit.script puts the plain whole-batch MLP back in its place. The ONNX
 export writes the same slicing as a loop over the batch with its own budget (``hatnet.export.hat_net_onnx``),
 using the same ``images_per_slice`` rule.
+
+``keep_freed_memory()`` is the process-wide part: glibc keeps the memory of freed large activations for the
+next step instead of returning it to the OS (the trainer and ``hatnet bench`` call it on CPU).
 """
 import copy
+import ctypes
+from typing import Optional
 
 import torch
 from timm.layers import register_notrace_module
@@ -21,7 +28,7 @@ from torch import nn
 
 from .hat_net import InvertedResidual
 
-__all__ = ['SLICE_BYTES', 'SlicedInvertedResidual', 'images_per_slice', 'optimize_for_cpu']
+__all__ = ['SLICE_BYTES', 'SlicedInvertedResidual', 'images_per_slice', 'keep_freed_memory', 'optimize_for_cpu']
 
 SLICE_BYTES = 16 << 20  # best budget for eager PyTorch on CPU (docs/performance.md)
 
@@ -29,6 +36,21 @@ SLICE_BYTES = 16 << 20  # best budget for eager PyTorch on CPU (docs/performance
 def images_per_slice(x: torch.Tensor, hidden_channels: int, value_bytes: int, slice_bytes: int) -> int:
     """How many images of ``x`` fit ``slice_bytes`` with their (hidden_channels, H, W) hidden map (at least one)."""
     return max(1, slice_bytes // (x.shape[2] * x.shape[3] * hidden_channels * value_bytes))
+
+
+# oneDNN convolution with a fused element-wise epilogue (what inductor's CPU backend calls)
+_HAS_FUSED_CONV = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_convolution_pointwise')
+
+
+def _cpu_autocast_dtype() -> Optional[torch.dtype]:
+    """The CPU autocast dtype (bf16 / fp16) while CPU autocast is on, else None."""
+    return torch.get_autocast_dtype('cpu') if torch.is_autocast_enabled('cpu') else None
+
+
+def _conv_silu(x: torch.Tensor, weight: torch.Tensor, padding: int, groups: int) -> torch.Tensor:
+    """SiLU(conv2d(x, weight)) (stride 1, no bias) in one oneDNN call."""
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, weight, None, [padding, padding], [1, 1], [1, 1], groups, 'swish', [], '')
 
 
 @register_notrace_module  # the number of slices depends on tensor sizes: timm's fx tracer keeps one call
@@ -45,10 +67,26 @@ class SlicedInvertedResidual(InvertedResidual):
             return super().forward(x)
         if self.training or x.device.type != 'cpu' or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return super().forward(x)
-        n = images_per_slice(x, self.fc1.out_channels, x.element_size(), self.slice_bytes)
+        low_precision = _cpu_autocast_dtype()
+        mlp = self._fused_forward if low_precision == torch.bfloat16 and _HAS_FUSED_CONV else super().forward
+        value_bytes = x.element_size() if low_precision is None else torch.finfo(low_precision).bits // 8
+        n = images_per_slice(x, self.fc1.out_channels, value_bytes, self.slice_bytes)
         if n >= len(x):
-            return super().forward(x)
-        return torch.cat([super(SlicedInvertedResidual, self).forward(part) for part in x.split(n)])
+            return mlp(x)
+        return torch.cat([mlp(part) for part in x.split(n)])
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP under CPU autocast (bf16): both SiLUs fused into the convolutions before them.
+
+        PyTorch's bf16 SiLU is a separate pass that is compute-bound (slower than float32's); oneDNN applies it
+        to each output block of the convolution while that block is in registers. Eval mode only (the
+        dropouts are identities); module hooks of fc1 and conv_dw do not fire on this path.
+        """
+        dtype = torch.bfloat16
+        hidden = _conv_silu(self.norm(x).to(dtype), self.fc1.weight.to(dtype), 0, 1)
+        dw = self.conv_dw
+        hidden = _conv_silu(hidden, dw.weight.to(dtype), dw.kernel_size[0] // 2, dw.groups)
+        return self.norm_out(self.fc2(hidden))
 
     def __prepare_scriptable__(self) -> nn.Module:
         # TorchScript cannot call a parent's forward: torch.jit.script puts this whole-batch copy (same
@@ -69,3 +107,19 @@ def optimize_for_cpu(model: nn.Module, slice_bytes: int = SLICE_BYTES) -> nn.Mod
             module.__class__ = SlicedInvertedResidual
             module.slice_bytes = slice_bytes
     return model
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of returning it to the OS (process-wide, Linux/glibc).
+
+    By default glibc serves every block over 32 MiB with a fresh mmap and unmaps it on free, so each large
+    activation (e.g. a 16 x 384 x 56 x 56 float map, 77 MiB) is zero-filled page by page by the kernel on
+    every forward pass. This is the effect of LD_PRELOAD-ing jemalloc or tcmalloc, as CPU inference guides
+    recommend. Returns False where it is not available.
+    """
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 2 ** 30) and libc.mallopt(m_trim_threshold, 2 ** 62))
