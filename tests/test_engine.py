@@ -165,6 +165,13 @@ def test_datasets_are_built_before_the_model_and_the_state_has_one_schema(tmp_pa
     assert state == dict(model=None, class_names=['negative', 'positive'], config=dataclasses.asdict(ToyConfig()))
 
 
+def test_training_on_the_cpu_keeps_freed_memory_for_the_next_step(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr('hatnet.engine.trainer.keep_freed_memory', lambda: calls.append(1) or True)
+    train(ToyTask(), _cfg(tmp_path / 'run', iters=2, eval_every=2))
+    assert calls == [1]
+
+
 def test_bf16_autocast_trains(tmp_path):
     result = train(ToyTask(), _cfg(tmp_path / 'run', amp='bf16', channels_last=True, eval_every=12))
     assert result['metrics']['val_acc'] > 0.9 and result['metrics']['train_loss'] < 0.5
