@@ -2,7 +2,7 @@
 
 Each recipe's detector (HAT-Net backbone) and the same detector on timm's ResNet-50 (the paper's baseline
 backbone) run forward + backward + AdamW step on a synthetic batch of 1333x800 images with 10 boxes (and
-masks) each. The models are timed interleaved, so a busy machine slows both alike; the table gives the mean,
+masks) each, with the trainer's CPU settings (fused AdamW, freed memory kept for the next step). The models are timed interleaved, so a busy machine slows both alike; the table gives the mean,
 the spread, and the ratio to ResNet-50 measured in the same run.
 
     PYTHONPATH=src python tools/bench_detection.py [--batch-size 2] [--repeats 3] [--threads N]
@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from hatnet.engine import find_recipe, load_recipe
+from hatnet.engine.trainer import fast_optimizer_kwargs
+from hatnet.models.runtime import keep_freed_memory
 from hatnet.tasks.detection import DetectionConfig, build_detector
 
 HEIGHT, WIDTH, BOXES, NUM_CLASSES = 800, 1333, 10, 81
@@ -49,6 +51,7 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the trainer does on the CPU
 
     runs = {}
     for arch in args.archs:
@@ -57,7 +60,8 @@ def main():
         batch = synthetic_batch(args.batch_size, with_masks=arch == 'maskrcnn')
         for name in args.models:
             model = build_detector(DetectionConfig(**{**vars(config), 'model': name}), NUM_CLASSES).train()
-            optimizer = torch.optim.AdamW(model.parameters(), lr=recipe['lr'], weight_decay=recipe['weight_decay'])
+            optimizer = torch.optim.AdamW(model.parameters(), lr=recipe['lr'], weight_decay=recipe['weight_decay'],
+                                          **fast_optimizer_kwargs(torch.device('cpu')))  # the trainer's fused AdamW
             runs[arch, name] = dict(model=model, optimizer=optimizer, batch=batch, times=[])
 
     def step(run):
