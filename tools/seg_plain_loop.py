@@ -21,7 +21,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from hatnet.data.segmentation import SegmentationDataset, collate, eval_transform, load_data, train_transform
+from hatnet.data.segmentation import (SegmentationDataset, _normalize, collate, eval_transform, load_data,
+                                     train_transform)
 from hatnet.models.semantic_fpn import SemanticFPN
 from hatnet.tasks.segmentation import confusion_matrix, segmentation_metrics
 
@@ -35,7 +36,7 @@ def training_transform(augment: str, ignore_index: int) -> v2.Compose:
     crop = v2.RandomCrop(CROP, pad_if_needed=True,
                          fill={tv_tensors.Image: round(255 * mean[0]), tv_tensors.Mask: ignore_index})
     flip = [v2.RandomHorizontalFlip()] if augment == 'flip' else []
-    return v2.Compose([crop, *flip, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    return v2.Compose([crop, *flip, *_normalize(mean, std)])
 
 
 def main():

@@ -20,13 +20,12 @@ next step instead of returning it to the OS (the trainer and ``hatnet bench`` ca
 """
 import copy
 import ctypes
-from typing import Optional
 
 import torch
 from timm.layers import register_notrace_module
 from torch import nn
 
-from .hat_net import InvertedResidual
+from .hat_net import InvertedResidual, _cpu_autocast_on
 
 __all__ = ['SLICE_BYTES', 'SlicedInvertedResidual', 'images_per_slice', 'keep_freed_memory', 'optimize_for_cpu']
 
@@ -40,11 +39,6 @@ def images_per_slice(x: torch.Tensor, hidden_channels: int, value_bytes: int, sl
 
 # oneDNN convolution with a fused element-wise epilogue (what inductor's CPU backend calls)
 _HAS_FUSED_CONV = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_convolution_pointwise')
-
-
-def _cpu_autocast_dtype() -> Optional[torch.dtype]:
-    """The CPU autocast dtype (bf16 / fp16) while CPU autocast is on, else None."""
-    return torch.get_autocast_dtype('cpu') if torch.is_autocast_enabled('cpu') else None
 
 
 def _conv_silu(x: torch.Tensor, weight: torch.Tensor, padding: int, groups: int) -> torch.Tensor:
@@ -67,7 +61,7 @@ class SlicedInvertedResidual(InvertedResidual):
             return super().forward(x)
         if self.training or x.device.type != 'cpu' or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return super().forward(x)
-        low_precision = _cpu_autocast_dtype()
+        low_precision = torch.get_autocast_dtype('cpu') if _cpu_autocast_on(x) else None
         mlp = self._fused_forward if low_precision == torch.bfloat16 and _HAS_FUSED_CONV else super().forward
         value_bytes = x.element_size() if low_precision is None else torch.finfo(low_precision).bits // 8
         n = images_per_slice(x, self.fc1.out_channels, value_bytes, self.slice_bytes)
