@@ -1,8 +1,10 @@
 """The segmentation ``auto`` recipe: the paper's recipe, fitted to the data's sizes and the device."""
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from hatnet.data.segmentation import write_shapes_dataset
 from hatnet.engine.config import build_configs, find_recipe, load_recipe
@@ -39,10 +41,12 @@ def test_small_images_get_their_own_scale_and_a_short_schedule(small):
     train_cfg, task_cfg, choices = fitted(small)
     assert task_cfg.layout == 'folders'   # found from the folders, not the recipe's ade20k
     assert 96 <= task_cfg.short_side <= 128 and task_cfg.crop_size <= task_cfg.short_side
+    short_sides = [min(Image.open(path).size) for path in (small / 'images' / 'train').iterdir()]
+    assert task_cfg.short_side >= np.median(short_sides)   # never shrinks the typical image
     assert task_cfg.ratio_range[0] >= 0.5 and task_cfg.ratio_range[1] <= 2
     assert 0 < train_cfg.iters <= 1000 and train_cfg.eval_every <= train_cfg.iters // 2
     assert 0 < train_cfg.warmup_iters < train_cfg.iters // 5
-    assert train_cfg.batch_size <= 8 and task_cfg.norm == 'gn' and task_cfg.drop_path_rate == 0
+    assert train_cfg.batch_size <= 8 and task_cfg.norm == 'bn' and task_cfg.drop_path_rate == 0
     effective_lr = train_cfg.lr * train_cfg.batch_size / train_cfg.lr_base_size
     assert 1e-4 < effective_lr < 1e-2
     assert all(isinstance(c.why, str) and c.why and '\n' not in c.why for c in choices.values())
@@ -64,6 +68,7 @@ def test_given_settings_are_kept_and_the_related_choices_follow_them(small):
     assert (train_cfg.batch_size, train_cfg.iters, task_cfg.short_side) == (2, 200, 64)
     assert not {'batch_size', 'iters', 'short_side', 'layout'} & set(choices)
     assert task_cfg.crop_size == 64                       # crops of the given scale
+    assert task_cfg.norm == 'gn'                          # batch statistics of 2 images are too noisy
     assert train_cfg.warmup_iters < 200 // 5 and train_cfg.eval_every <= 100   # of the given length
     _, _, default = fitted(small)
     default_lr = default['lr'].value * default['batch_size'].value / 16
@@ -74,7 +79,8 @@ def test_given_settings_are_kept_and_the_related_choices_follow_them(small):
     assert train_cfg.lr_base_size == 0 and train_cfg.lr == pytest.approx(default_lr * 4 / 8)
 
     # what the user gave is never replaced, even where the auto recipe would differ
-    train_cfg, task_cfg, choices = fitted(small, lr=3e-4, norm='bn', drop_path_rate=0.2, warmup_iters=0)
+    train_cfg, task_cfg, choices = fitted(small, batch_size=2, lr=3e-4, norm='bn', drop_path_rate=0.2,
+                                          warmup_iters=0)
     assert (train_cfg.lr, task_cfg.norm, task_cfg.drop_path_rate, train_cfg.warmup_iters) == (3e-4, 'bn', 0.2, 0)
     assert not {'lr', 'norm', 'drop_path_rate', 'warmup_iters'} & set(choices)
 

@@ -117,3 +117,24 @@ def test_each_class_has_its_geometry():
 def test_scenes_are_reproducible():
     a, b = (draw_scene(np.random.default_rng(5), 48, 48) for _ in range(2))
     assert np.array_equal(a.image, b.image) and np.array_equal(a.labels(), b.labels())
+
+
+@pytest.mark.parametrize('task', ['segmentation', 'detection'])
+def test_generated_sets_of_one_seed_share_their_validation_images(task, tmp_path):
+    """A larger training set of the same seed must not draw the smaller set's validation images (which would
+    then be trained on): each split has its own stream, and a smaller training set is the start of a larger."""
+    if task == 'segmentation':
+        from hatnet.data.segmentation import write_shapes_dataset
+        train, val = 'images/train', 'images/val'
+    else:
+        from hatnet.data.detection import write_shapes_dataset
+        train, val = 'train2017', 'val2017'
+    small, large = (write_shapes_dataset(tmp_path / str(n), num_train=n, num_val=2, size=(32, 40), seed=7)
+                    for n in (2, 4))
+
+    def pictures(root, split):
+        return [path.read_bytes() for path in sorted((root / split).glob('*.png'))]
+
+    assert pictures(small, val) == pictures(large, val)
+    assert pictures(small, train) == pictures(large, train)[:2]
+    assert not set(pictures(large, val)) & set(pictures(large, train))

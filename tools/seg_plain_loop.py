@@ -2,8 +2,10 @@
 
 Tells apart what limits learning on a dataset: the trainer's recipe and augmentation, or the data itself.
 It uses hatnet's dataset, model and metrics, but its own loop: AdamW (weight decay 0.01), linear warm-up over
-30 steps, cosine decay, gradient norm clipped at 1, batch 8, crops of 128 px, one thread. The validation mIoU
-and the mean training loss of the last 50 steps are printed every 100 steps.
+30 steps, cosine decay, gradient norm clipped at 1, batch 8, crops of 128 px, one thread; the scale heads'
+norm is ``--norm`` (BatchNorm or GroupNorm). Every ``--every`` steps it prints the mean training loss of the
+last 50 steps, the validation mIoU with the IoU of each class, and the mIoU on the first 60 training images
+(at the validation scale): a model that memorises its training images scores far higher there.
 
     PYTHONPATH=src python tools/seg_plain_loop.py DATA --model hat_net_tiny --augment none --steps 600
 
@@ -44,8 +46,10 @@ def main():
     parser.add_argument('data')
     parser.add_argument('--model', default='hat_net_tiny')
     parser.add_argument('--augment', choices=('none', 'flip', 'full'), default='none')
+    parser.add_argument('--norm', choices=('bn', 'gn'), default='bn')
     parser.add_argument('--lr', type=float, default=1e-3)
     parser.add_argument('--steps', type=int, default=600)
+    parser.add_argument('--every', type=int, default=100)
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -53,15 +57,22 @@ def main():
     data = load_data(args.data, 'folders')
     train = SegmentationDataset(data.samples['train'], training_transform(args.augment, data.ignore_index),
                                 data.ignore_index, data.reduce_zero_label)
-    val = SegmentationDataset(data.samples['val'], eval_transform(CROP, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-                              data.ignore_index, data.reduce_zero_label, joint=False)
+    scale = eval_transform(CROP, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    val, seen = (SegmentationDataset(samples, scale, data.ignore_index, data.reduce_zero_label, joint=False)
+                 for samples in (data.samples['val'], data.samples['train'][:60]))
     train_loader = torch.utils.data.DataLoader(train, BATCH, shuffle=True, collate_fn=collate, drop_last=True)
-    val_loader = torch.utils.data.DataLoader(val, BATCH, collate_fn=collate)
-    model = SemanticFPN(args.model, data.num_classes, norm='gn',
+    val_loader, seen_loader = (torch.utils.data.DataLoader(d, BATCH, collate_fn=collate) for d in (val, seen))
+
+    model = SemanticFPN(args.model, data.num_classes, norm=args.norm,
                         drop_path_rate=0.0 if args.model.startswith('hat_net') else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1, (step + 1) / WARMUP) * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+
+    def metrics(loader):
+        model.eval()
+        return segmentation_metrics(confusion_matrix(model, loader, torch.device('cpu'), data.num_classes,
+                                                     data.ignore_index, 0, False))
 
     step, losses, start = 0, [], time.time()
     while step < args.steps:
@@ -75,13 +86,11 @@ def main():
             schedule.step()
             losses.append(loss.item())
             step += 1
-            if step % 100 == 0 or step == args.steps:
-                model.eval()
-                metrics = segmentation_metrics(confusion_matrix(model, val_loader, torch.device('cpu'),
-                                                                data.num_classes, data.ignore_index, 0, False))
+            if step % args.every == 0 or step == args.steps:
+                on_val, on_seen = metrics(val_loader), metrics(seen_loader)
                 print(f'step {step}  train loss {sum(losses[-50:]) / len(losses[-50:]):.3f}  '
-                      f'val mIoU {metrics["mIoU"]:.3f}  IoU {[round(x, 2) for x in metrics["IoU"]]}  '
-                      f'{time.time() - start:.0f} s', flush=True)
+                      f'val mIoU {on_val["mIoU"]:.3f}  IoU {[round(x, 2) for x in on_val["IoU"]]}  '
+                      f'training images mIoU {on_seen["mIoU"]:.3f}  {time.time() - start:.0f} s', flush=True)
             if step == args.steps:
                 break
 

@@ -307,16 +307,19 @@ def write_shapes_dataset(root, num_train: int = 300, num_val: int = 60, size: Tu
     background, so that only geometry tells the classes apart; shapes may overlap. Image sides are drawn from
     ``size`` (min, max). Each instance is annotated with the box around its visible part, that part as a
     compressed RLE mask (occlusion can split it, which a polygon list would have to approximate), its area
-    (pixels of the mask) and ``iscrowd: 0``. Image ids are unique across the splits.
+    (pixels of the mask) and ``iscrowd: 0``. Image ids are unique across the splits. Each split has its own
+    random stream of ``seed``: sets of one seed share their validation images (whose ids follow the training
+    images'), and a smaller training set is the start of a larger one.
     """
     from .shapes import SHAPE_CLASSES, draw_scene
 
     root = Path(root)
-    rng = np.random.default_rng(seed)
     categories = [dict(id=i, name=name, supercategory='shape') for i, name in enumerate(SHAPE_CLASSES, start=1)]
     image_id = ann_id = 0
     (root / 'annotations').mkdir(parents=True, exist_ok=True)
-    for split, count in zip(splits, (num_train, num_val)):
+    for index, (split, count) in enumerate(zip(splits, (num_train, num_val))):
+        # one stream per split: the validation images are the same whatever the number of training images
+        rng = np.random.default_rng([seed, index])
         (root / split).mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
         for _ in range(count):

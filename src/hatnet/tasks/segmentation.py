@@ -15,6 +15,7 @@ averaging are optional.
 Inference: ``SegmentationTask.load(run)`` (or ``hatnet.load``) -> :class:`SegmentationPredictor`, whose
 ``predict(images)`` gives a :class:`Segmentation` (a class-index mask at the image's size) per image.
 """
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -149,6 +150,8 @@ SIZE_SAMPLE = 200            # images whose headers are read to learn the data's
 PAPER_SIZED = 0.75           # images with a median short side of at least this times the recipe's test scale
 PAPER_IMAGES = 1000          # ... and at least this many of them are ADE20K-like: the recipe is kept as it is
 CPU_BATCH = 8                # images per step on a CPU: a step of ~1-4 s at 64-128 px for hat_net_tiny
+MIN_BN_BATCH = 8             # the head keeps the recipe's BatchNorm from this batch on (at 8 it fits the
+                             # training images a little faster than GroupNorm and validates the same)
 SCRATCH_LR = 1e-3            # AdamW peak lr of a randomly initialised backbone at batch CPU_BATCH (3x scores the same)
 SMALL_DATA_EPOCHS = 16       # passes over a small dataset when the user gives no length
 MIN_ITERS = 600
@@ -197,7 +200,8 @@ def fit_recipe(task_cfg: 'SegmentationConfig', train_cfg: TrainConfig, given: fr
     # scale: the data's own size; the recipe would upsample a 128 px image four times to 512
     short_side = task_cfg.short_side
     if 'short_side' not in given and short < PAPER_SIZED * task_cfg.short_side:
-        short_side = min(task_cfg.short_side, _round(short, 32))
+        # up to a multiple of 32: rounding down would shrink most images and the shapes in them
+        short_side = min(task_cfg.short_side, 32 * math.ceil(short / 32))
         choose('short_side', short_side, f'images have a median short side of {short:.0f} px: test scale '
                                          f'{short_side} instead of {task_cfg.short_side}')
     crop_size = task_cfg.crop_size if 'crop_size' in given else min(task_cfg.crop_size, short_side)
@@ -212,7 +216,7 @@ def fit_recipe(task_cfg: 'SegmentationConfig', train_cfg: TrainConfig, given: fr
         batch = CPU_BATCH
         choose('batch_size', batch, f'{batch} images per step on a CPU; the recipe\'s {train_cfg.batch_size} are '
                                     f'for GPUs')
-    if 'norm' not in given and task_cfg.norm == 'bn' and batch < 16:
+    if 'norm' not in given and task_cfg.norm == 'bn' and batch < MIN_BN_BATCH:
         choose('norm', 'gn', f'GroupNorm in the head: batch statistics of {batch} images are too noisy')
 
     global_batch = batch * launched_processes() * train_cfg.accum_steps
