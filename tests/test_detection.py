@@ -42,6 +42,17 @@ def _level_shapes(model, size=(64, 96)):
     return {k: tuple(v.shape[1:]) for k, v in features.items()}
 
 
+def test_roi_pooling_uses_the_backbone_strides_whatever_the_first_images():
+    """torchvision guesses each level's scale from the first images it pools for: a 65 px tall image, padded
+    to 96, would make that guess 2x off for good, and training and inference would pool different places."""
+    model = maskrcnn_hat_net(4, min_size=65, max_size=80).eval()
+    with torch.no_grad():
+        model([torch.rand(3, 65, 80)])
+    for pool in (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool):
+        assert pool.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+        assert (pool.map_levels.k_min, pool.map_levels.k_max) == (2, 5)
+
+
 def test_retinanet_uses_stages_2_to_4_and_p6_p7():
     model = retinanet_hat_net(num_classes=4, drop_path_rate=0.)
     assert _level_shapes(model) == {'0': (256, 8, 12), '1': (256, 4, 6), '2': (256, 2, 3), 'p6': (256, 1, 2),

@@ -21,6 +21,7 @@ Images are normalised with the backbone's mean/std and batched (padded to multip
 (``hatnet.data.detection``, transforms v2, which moves boxes and masks along), so the model resizes only at
 inference, where torchvision also maps the results back to the size of the input image.
 """
+import math
 from collections import OrderedDict
 from typing import Dict, Optional, Sequence
 
@@ -29,13 +30,15 @@ import torch
 from torch import nn
 from torchvision.models.detection import MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import (
     ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7)
+from torchvision.ops.poolers import initLevelMapper
 
 from ..errors import HatNetError
 from .factory import Weights, create
 
-__all__ = ['ARCHS', 'TimmBackboneWithFPN', 'anchor_generator', 'check_arch', 'create_detector', 'maskrcnn_hat_net',
+__all__ = ['ARCHS', 'StridedRoIAlign', 'TimmBackboneWithFPN', 'anchor_generator', 'check_arch', 'create_detector', 'maskrcnn_hat_net',
            'retinanet_hat_net']
 
 FPN_CHANNELS = 256
@@ -66,6 +69,23 @@ def _backbone(name: str, out_indices: Sequence[int], weights: Optional[Weights],
     """The timm features_only body, from the one model factory (strict weight loading, stage freezing)."""
     return create(name, weights, features_only=True, out_indices=out_indices, frozen_stages=frozen_stages,
                   drop_path_rate=drop_path_rate or None)  # 0: leave it unset, for models without stochastic depth
+
+
+class StridedRoIAlign(MultiScaleRoIAlign):
+    """torchvision's ``MultiScaleRoIAlign`` with each level's scale set from the backbone's strides.
+
+    torchvision guesses the scales on the first call (feature size / largest image size, rounded to a power of
+    two) and keeps them for good. Batches are padded to multiples of 32, so for images shorter than ~68 px the
+    guess is twice the true scale, and the first batch decides: the trained model and the same weights loaded
+    for inference would pool RoIs from different places.
+    """
+
+    def __init__(self, strides: Sequence[int], output_size: int, sampling_ratio: int = 2):
+        super().__init__([str(i) for i in range(len(strides))], output_size, sampling_ratio)
+        self.scales = [1.0 / stride for stride in strides]
+        self.map_levels = initLevelMapper(int(math.log2(strides[0])), int(math.log2(strides[-1])),
+                                          canonical_scale=self.canonical_scale,
+                                          canonical_level=self.canonical_level)
 
 
 def _transform_kwargs(body: nn.Module, kwargs: dict) -> dict:
@@ -118,6 +138,10 @@ def maskrcnn_hat_net(
     max_size, box_score_thresh (0.05), box_detections_per_img (100), box_batch_size_per_image (512), ...
     """
     body = _backbone(backbone, (-4, -3, -2, -1), pretrained_backbone, frozen_stages, drop_path_rate)
+    strides = body.feature_info.reduction()
+    # torchvision's default poolers (7 x 7 boxes, 14 x 14 masks, sampling ratio 2), at the known strides
+    kwargs.setdefault('box_roi_pool', StridedRoIAlign(strides, 7))
+    kwargs.setdefault('mask_roi_pool', StridedRoIAlign(strides, 14))
     return MaskRCNN(TimmBackboneWithFPN(body, LastLevelMaxPool()), num_classes, **_transform_kwargs(body, kwargs))
 
 
