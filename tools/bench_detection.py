@@ -2,8 +2,9 @@
 
 Each recipe's detector (HAT-Net backbone) and the same detector on timm's ResNet-50 (the paper's baseline
 backbone) run forward + backward + AdamW step on a synthetic batch of 1333x800 images with 10 boxes (and
-masks) each, with the trainer's CPU settings (fused AdamW, freed memory kept for the next step). The models are timed interleaved, so a busy machine slows both alike; the table gives the mean,
-the spread, and the ratio to ResNet-50 measured in the same run.
+masks) each, with the trainer's CPU settings (fused AdamW, freed memory kept for the next step). The models
+are timed interleaved, so a busy machine slows both alike; the table gives the mean, the spread, and the
+ratio to ResNet-50 measured in the same run.
 
     PYTHONPATH=src python tools/bench_detection.py [--batch-size 2] [--repeats 3] [--threads N]
         [--models hat_net_tiny resnet50]

@@ -307,25 +307,21 @@ def write_shapes_dataset(root, num_train: int = 300, num_val: int = 60, size: Tu
     background, so that only geometry tells the classes apart; shapes may overlap. Image sides are drawn from
     ``size`` (min, max). Each instance is annotated with the box around its visible part, that part as a
     compressed RLE mask (occlusion can split it, which a polygon list would have to approximate), its area
-    (pixels of the mask) and ``iscrowd: 0``. Image ids are unique across the splits. Each split has its own
-    random stream of ``seed``: sets of one seed share their validation images (whose ids follow the training
-    images'), and a smaller training set is the start of a larger one.
+    (pixels of the mask) and ``iscrowd: 0``. Image ids are unique across the splits. Sets of one seed share
+    their validation images (:func:`hatnet.data.shapes.split_scenes`; their ids follow the training images').
     """
-    from .shapes import SHAPE_CLASSES, draw_scene
+    from .shapes import SHAPE_CLASSES, split_scenes
 
     root = Path(root)
     categories = [dict(id=i, name=name, supercategory='shape') for i, name in enumerate(SHAPE_CLASSES, start=1)]
     image_id = ann_id = 0
     (root / 'annotations').mkdir(parents=True, exist_ok=True)
     for index, (split, count) in enumerate(zip(splits, (num_train, num_val))):
-        # one stream per split: the validation images are the same whatever the number of training images
-        rng = np.random.default_rng([seed, index])
         (root / split).mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
-        for _ in range(count):
+        for scene in split_scenes(seed, index, count, size, max_shapes):
             image_id += 1
-            height, width = (int(v) for v in rng.integers(size[0], size[1] + 1, 2))
-            scene = draw_scene(rng, height, width, max_shapes)
+            height, width = scene.image.shape[:2]
             file_name = f'{image_id:06d}.png'
             Image.fromarray(scene.image).save(root / split / file_name)
             images.append(dict(id=image_id, file_name=file_name, width=width, height=height))

@@ -421,19 +421,14 @@ def write_shapes_dataset(root, layout: str = 'folders', num_train: int = 300, nu
     """Write a synthetic segmentation dataset of :func:`hatnet.data.shapes.draw_scene` scenes (circles, squares
     and triangles in random colours on random backgrounds: only their geometry tells the classes apart; 4
     classes with 'background') in one of the :data:`LAYOUTS`. Image sides are drawn from ``size`` (min, max).
-    Blended borders between regions are unlabelled (0 in the ADE20K layout, 255 in the folders one). Each split
-    has its own random stream of ``seed``: sets of one seed share their validation images, and a smaller
-    training set is the start of a larger one."""
+    Blended borders between regions are unlabelled (0 in the ADE20K layout, 255 in the folders one). Sets of one
+    seed share their validation images (:func:`hatnet.data.shapes.split_scenes`)."""
     root = Path(root)
     spec = get_layout(layout)
     for index, (split, count) in enumerate(zip(spec.splits, (num_train, num_val))):
-        # one stream per split: the validation images are the same whatever the number of training images
-        rng = np.random.default_rng([seed, index])
         (root / spec.images / split).mkdir(parents=True, exist_ok=True)
         (root / spec.masks / split).mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            height, width = (int(v) for v in rng.integers(size[0], size[1] + 1, 2))
-            scene = shapes.draw_scene(rng, height, width, max_shapes)
+        for i, scene in enumerate(shapes.split_scenes(seed, index, count, size, max_shapes)):
             labels = scene.labels(ignore_value=255)
             stored = np.where(labels == 255, 0, labels + 1) if spec.reduce_zero_label else labels
             Image.fromarray(scene.image).save(

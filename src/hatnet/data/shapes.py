@@ -15,12 +15,12 @@ what is below; pixels that no single region covers to at least :data:`IGNORE_BEL
 """
 import math
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import Iterator, List, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ['SHAPE_CLASSES', 'Scene', 'draw_scene']
+__all__ = ['SHAPE_CLASSES', 'Scene', 'draw_scene', 'split_scenes']
 
 SHAPE_CLASSES = ('circle', 'square', 'triangle')   # class ids 1..3 in instance lists; 0 = background
 
@@ -163,3 +163,17 @@ def draw_scene(rng: np.random.Generator, height: int, width: int, max_shapes: in
     owner = shares.argmax(0)
     instances = [(class_id, owner == i + 1) for i, class_id in enumerate(classes)]
     return Scene(np.clip(image, 0, 255).round().astype(np.uint8), instances, ignore)
+
+
+def split_scenes(seed: int, split_index: int, count: int, size: Tuple[int, int],
+                 max_shapes: int = 3) -> Iterator[Scene]:
+    """``count`` scenes with sides drawn from ``size`` (min, max) for the split ``split_index`` of a generated set.
+
+    Each split has its own random stream of ``seed``, so a split's scenes do not depend on how many the other
+    splits have: sets of one seed share their validation images, and a smaller training set is the start of a
+    larger one (never another set's validation images).
+    """
+    rng = np.random.default_rng([seed, split_index])
+    for _ in range(count):
+        height, width = (int(v) for v in rng.integers(size[0], size[1] + 1, 2))
+        yield draw_scene(rng, height, width, max_shapes)

@@ -38,8 +38,8 @@ from torchvision.ops.poolers import initLevelMapper
 from ..errors import HatNetError
 from .factory import Weights, create
 
-__all__ = ['ARCHS', 'StridedRoIAlign', 'TimmBackboneWithFPN', 'anchor_generator', 'check_arch', 'create_detector', 'maskrcnn_hat_net',
-           'retinanet_hat_net']
+__all__ = ['ARCHS', 'StridedRoIAlign', 'TimmBackboneWithFPN', 'anchor_generator', 'check_arch', 'create_detector',
+           'maskrcnn_hat_net', 'retinanet_hat_net']
 
 FPN_CHANNELS = 256
 ANCHOR_SIZE = 32  # torchvision's (and mmdetection's) smallest anchor: 32 px on the finest level, doubling per level
