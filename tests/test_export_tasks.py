@@ -21,7 +21,7 @@ from hatnet.models.factory import create
 from hatnet.models.semantic_fpn import SemanticFPN
 from hatnet.tasks.classification import eval_data_config
 from hatnet.tasks.detection import DetectionConfig, build_detector
-from hatnet.tasks.segmentation import SegmentationConfig
+from hatnet.tasks.segmentation import HEADS, SegmentationConfig, build_segmenter
 
 TOLERANCE = 1e-4
 
@@ -42,12 +42,12 @@ def classification_run(run_dir, model_name, classes):
     return save_run(run_dir, 'classification', state, model)
 
 
-def segmentation_run(run_dir, backbone, classes, spread_logits=False):
+def segmentation_run(run_dir, backbone, classes, spread_logits=False, head='fpn'):
     torch.manual_seed(0)
-    model = SemanticFPN(backbone, len(classes))
+    model = build_segmenter(head, backbone, len(classes))
     if spread_logits:  # logits far apart: a stable argmax for comparing label maps
         torch.nn.init.normal_(model.classifier.weight, std=0.5)
-    config = asdict(SegmentationConfig(model=backbone, num_classes=len(classes)))
+    config = asdict(SegmentationConfig(model=backbone, num_classes=len(classes), head=head))
     state = dict(model=backbone, class_names=classes, config=config, ignore_index=255,
                  palette=[[i, i, i] for i in range(len(classes))])
     return save_run(run_dir, 'segmentation', state, model)
@@ -81,16 +81,19 @@ def metadata(path):
 
 @pytest.fixture(scope='module')
 def resnet_segmentation(tmp_path_factory):
-    return segmentation_run(tmp_path_factory.mktemp('seg') / 'run', 'resnet10t', ['sky', 'road', 'car'],
-                            spread_logits=True)
+    """A segmentation run of each head."""
+    return {head: segmentation_run(tmp_path_factory.mktemp(head) / 'run', 'resnet10t', ['sky', 'road', 'car'],
+                                   spread_logits=True, head=head) for head in HEADS}
 
 
+@pytest.mark.parametrize('head', HEADS)
 @pytest.mark.parametrize('seg_output', ['logits', 'labels'])
-def test_segmentation_run_exports_logits_or_labels(resnet_segmentation, tmp_path, seg_output, capsys):
+def test_segmentation_run_exports_logits_or_labels(resnet_segmentation, tmp_path, head, seg_output, capsys):
     path = tmp_path / 'seg.onnx'
-    assert export(resnet_segmentation, '--onnx', path, '--seg-output', seg_output, '--check-size', '64x96') == 0
-    model = SemanticFPN('resnet10t', 3).eval()
-    model.load_state_dict(torch.load(resnet_segmentation / 'best.pth', weights_only=True)['model'])
+    run = resnet_segmentation[head]
+    assert export(run, '--onnx', path, '--seg-output', seg_output, '--check-size', '64x96') == 0
+    model = build_segmenter(head, 'resnet10t', 3).eval()
+    model.load_state_dict(torch.load(run / 'best.pth', weights_only=True)['model'])
     runner = OnnxRunner(path)
     for shape in [(1, 3, 97, 65), (3, 3, 128, 160)]:
         images = torch.randn(shape, generator=torch.Generator().manual_seed(1))
@@ -121,13 +124,14 @@ def test_classification_run_of_another_timm_model(tmp_path, capsys):
 
 
 def test_bad_export_options_are_one_line_and_write_nothing(resnet_segmentation, tmp_path, capsys):
+    run = resnet_segmentation['fpn']
     path = tmp_path / 'x.onnx'
-    assert export(resnet_segmentation, '--onnx', path, '--seg-output', 'probabilities') == 2
+    assert export(run, '--onnx', path, '--seg-output', 'probabilities') == 2
     err = capsys.readouterr().err
     assert "unknown --seg-output 'probabilities'" in err and 'Traceback' not in err and len(err.splitlines()) == 1
     assert not path.exists()
     path.write_text('mine')
-    assert export(resnet_segmentation, '--onnx', path) == 2
+    assert export(run, '--onnx', path) == 2
     assert 'Traceback' not in capsys.readouterr().err and path.read_text() == 'mine'  # not overwritten
 
 

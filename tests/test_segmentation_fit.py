@@ -47,6 +47,8 @@ def test_small_images_get_their_own_scale_and_a_short_schedule(small):
     assert 0 < train_cfg.iters <= 1000 and train_cfg.eval_every <= train_cfg.iters // 2
     assert 0 < train_cfg.warmup_iters < train_cfg.iters // 5
     assert train_cfg.batch_size <= 8 and task_cfg.norm == 'bn' and task_cfg.drop_path_rate == 0
+    assert task_cfg.head == 'unet'        # a backbone from scratch: the decoder that learns from few images
+    assert task_cfg.ratio_range == [1.0, 1.0]   # ... at the test scale: scale jitter slows a short run
     effective_lr = train_cfg.lr * train_cfg.batch_size / train_cfg.lr_base_size
     assert 1e-4 < effective_lr < 1e-2
     assert all(isinstance(c.why, str) and c.why and '\n' not in c.why for c in choices.values())
@@ -80,15 +82,18 @@ def test_given_settings_are_kept_and_the_related_choices_follow_them(small):
 
     # what the user gave is never replaced, even where the auto recipe would differ
     train_cfg, task_cfg, choices = fitted(small, batch_size=2, lr=3e-4, norm='bn', drop_path_rate=0.2,
-                                          warmup_iters=0)
+                                          warmup_iters=0, head='fpn')
     assert (train_cfg.lr, task_cfg.norm, task_cfg.drop_path_rate, train_cfg.warmup_iters) == (3e-4, 'bn', 0.2, 0)
-    assert not {'lr', 'norm', 'drop_path_rate', 'warmup_iters'} & set(choices)
+    assert task_cfg.head == 'fpn'
+    assert not {'lr', 'norm', 'drop_path_rate', 'warmup_iters', 'head'} & set(choices)
 
 
 def test_a_pretrained_backbone_keeps_the_papers_fine_tuning_lr(small, tmp_path):
     train_cfg, task_cfg, choices = fitted(small, pretrained=str(tmp_path / 'weights.pth'))
     paper_train, paper_task = paper()
     assert train_cfg.lr == paper_train.lr and task_cfg.drop_path_rate == paper_task.drop_path_rate
+    assert task_cfg.head == paper_task.head == 'fpn'   # ImageNet features: the paper's Semantic FPN
+    assert task_cfg.ratio_range == [0.75, 1.5]          # small images: a narrower scale jitter than 0.5-2x
     assert 'lr' not in choices and 'iters' in choices
 
 

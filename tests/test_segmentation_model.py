@@ -1,4 +1,5 @@
-"""Semantic FPN: shapes at any input size, backbones from timm, ImageNet initialisation from checkpoint files."""
+"""Semantic FPN and the U-Net decoder: shapes at any input size, backbones from timm, ImageNet initialisation
+from checkpoint files."""
 import pytest
 import timm
 import torch
@@ -6,6 +7,7 @@ import torch
 from hatnet.fileio import save_safetensors_atomic
 from hatnet.errors import CheckpointError, HatNetError
 from hatnet.models.semantic_fpn import SemanticFPN
+from hatnet.models.unet import UNetDecoder
 from hatnet.reference import reference_model, reference_state_dict
 
 
@@ -24,11 +26,22 @@ def hat_fpn():
     return SemanticFPN('hat_net_tiny', num_classes=5)
 
 
+@pytest.fixture(scope='module')
+def hat_unet():
+    torch.manual_seed(0)
+    return UNetDecoder('hat_net_tiny', num_classes=5)
+
+
+@pytest.fixture(params=['fpn', 'unet'])
+def segmenter(request, hat_fpn, hat_unet):
+    return dict(fpn=hat_fpn, unet=hat_unet)[request.param]
+
+
 @pytest.mark.parametrize('size', [(64, 64), (97, 131), (32, 45)])
-def test_logits_have_the_input_size(hat_fpn, size):
-    hat_fpn.eval()
+def test_logits_have_the_input_size(segmenter, size):
+    segmenter.eval()
     with torch.no_grad():
-        assert hat_fpn(torch.randn(2, 3, *size)).shape == (2, 5, *size)
+        assert segmenter(torch.randn(2, 3, *size)).shape == (2, 5, *size)
 
 
 def test_head_structure(hat_fpn):
@@ -41,12 +54,22 @@ def test_head_structure(hat_fpn):
     assert isinstance(hat_fpn.scale_heads[0][0][1], torch.nn.GroupNorm)
 
 
-def test_every_parameter_gets_a_gradient(hat_fpn):
+def test_unet_decoder_structure(hat_unet):
+    """Blocks at strides 4, 8, 16, each over its backbone level (48, 96, 240 channels for Tiny) concatenated with
+    the coarser decoded map (the stride-32 block's input is the backbone's last map, 384 channels)."""
+    assert hat_unet.feature_indices == [0, 1, 2, 3]
+    assert [block[0][0].in_channels for block in hat_unet.blocks] == [48 + 128, 96 + 256, 240 + 384]
+    assert [block[1][0].out_channels for block in hat_unet.blocks] == [64, 128, 256]
+    assert isinstance(hat_unet.blocks[0][0][1], torch.nn.GroupNorm) and hat_unet.classifier.in_channels == 64
+    assert isinstance(UNetDecoder('resnet10t', 3, norm='bn').blocks[2][1][1], torch.nn.BatchNorm2d)
+
+
+def test_every_parameter_gets_a_gradient(segmenter):
     """DistributedDataParallel without find_unused_parameters needs this."""
-    hat_fpn.train()
-    hat_fpn.zero_grad()
-    torch.nn.functional.cross_entropy(hat_fpn(torch.randn(2, 3, 48, 48)), torch.randint(0, 5, (2, 48, 48))).backward()
-    assert [n for n, p in hat_fpn.named_parameters() if p.grad is None] == []
+    segmenter.train()
+    segmenter.zero_grad()
+    torch.nn.functional.cross_entropy(segmenter(torch.randn(2, 3, 48, 48)), torch.randint(0, 5, (2, 48, 48))).backward()
+    assert [n for n, p in segmenter.named_parameters() if p.grad is None] == []
 
 
 def test_other_timm_backbones_use_their_stride_4_to_32_features():

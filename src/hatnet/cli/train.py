@@ -69,9 +69,10 @@ SEGMENTATION = TrainCommand(
                 layout='ade20k: images/ and annotations/{training,validation}; folders: images/ and '
                        'masks/{train,val} with class-index PNGs and an optional classes.yaml.',
                 crop_size='Training crop side.', short_side='Test scale; training scales are short_side x ratio_range.',
-                norm='Scale-head norm: gn | bn.'),
+                head='fpn (Semantic FPN, the paper\'s) or unet (a U-Net decoder).', norm='Head norm: gn | bn.'),
     needs=TRAIN_NEEDS + ('torchmetrics',),
-    doc="Train Semantic FPN: the paper's ADE20K recipe unless --recipe says otherwise; options override it.\n\n"
+    doc="Train a segmentation model: Semantic FPN with the paper's ADE20K recipe fitted to the data (a U-Net decoder "
+        "for a backbone from scratch) unless --recipe says otherwise; options override it.\n\n"
         'The one trainer: resumable, distributed with torchrun (--batch-size is per process), see docs/training.md.',
     recipe_help="'auto' (the default: the paper's recipe with image scale, schedule, batch and lr fitted to the "
                 "data and the machine, printed at the start), 'paper' (ade20k_semantic_fpn as published), another "

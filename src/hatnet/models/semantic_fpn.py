@@ -18,7 +18,7 @@ backbones under one head.
 import math
 from collections import OrderedDict
 from functools import partial
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -28,9 +28,47 @@ from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork
 from ..errors import HatNetError
 from .factory import Weights, create
 
-__all__ = ['SemanticFPN']
+__all__ = ['PyramidSegmenter', 'SemanticFPN']
 
 FPN_STRIDES = (4, 8, 16, 32)
+
+
+def head_norm(norm: str):
+    """GroupNorm with 32 groups (independent of the batch size) or BatchNorm."""
+    return partial(nn.GroupNorm, 32) if norm == 'gn' else nn.BatchNorm2d
+
+
+class PyramidSegmenter(nn.Module):
+    """What every segmentation head here shares: a timm ``features_only`` backbone and the indices of its last
+    feature at each of the strides 4, 8, 16 and 32 (e.g. resnet's stride-2 stem feature is skipped)."""
+
+    def __init__(self, backbone: str, num_classes: int, pretrained: Optional[Weights], norm: str,
+                 drop_path_rate: Optional[float], frozen_stages: int):
+        super().__init__()
+        if norm not in ('gn', 'bn'):
+            raise HatNetError(f"norm must be 'gn' or 'bn', got {norm!r}")
+        if num_classes < 1:
+            raise HatNetError(f'num_classes must be at least 1, got {num_classes}')
+        self.num_classes = num_classes
+        self.backbone = create(backbone, pretrained, features_only=True, drop_path_rate=drop_path_rate,
+                               frozen_stages=frozen_stages)
+        reductions = self.backbone.feature_info.reduction()
+        missing = [s for s in FPN_STRIDES if s not in reductions]
+        if missing:
+            raise HatNetError(f'backbone {backbone} has no features at stride {missing} (its feature strides are '
+                              f'{reductions}); a segmentation head needs strides {FPN_STRIDES}')
+        self.feature_indices = [max(i for i, r in enumerate(reductions) if r == s) for s in FPN_STRIDES]
+        self.level_channels = [self.backbone.feature_info.channels()[i] for i in self.feature_indices]
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """The backbone's timm pretrained cfg (input normalisation mean / std)."""
+        return self.backbone.pretrained_cfg
+
+    def levels(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The backbone's stride 4, 8, 16 and 32 maps."""
+        features = self.backbone(x)
+        return [features[i] for i in self.feature_indices]
 
 
 class ScaleHead(nn.Sequential):
@@ -45,7 +83,7 @@ class ScaleHead(nn.Sequential):
         super().__init__(*layers)
 
 
-class SemanticFPN(nn.Module):
+class SemanticFPN(PyramidSegmenter):
     """Semantic FPN segmentation model: timm backbone -> FPN -> scale heads -> per-pixel logits.
 
     Args:
@@ -74,26 +112,9 @@ class SemanticFPN(nn.Module):
             drop_path_rate: Optional[float] = None,
             frozen_stages: int = 0,
     ):
-        super().__init__()
-        if norm not in ('gn', 'bn'):
-            raise HatNetError(f"norm must be 'gn' or 'bn', got {norm!r}")
-        if num_classes < 1:
-            raise HatNetError(f'num_classes must be at least 1, got {num_classes}')
-        self.num_classes = num_classes
-        self.backbone = create(backbone, pretrained, features_only=True, drop_path_rate=drop_path_rate,
-                               frozen_stages=frozen_stages)
-
-        # the last feature at each FPN stride (e.g. resnet's stride-2 stem feature is skipped)
-        reductions = self.backbone.feature_info.reduction()
-        missing = [s for s in FPN_STRIDES if s not in reductions]
-        if missing:
-            raise HatNetError(f'backbone {backbone} has no features at stride {missing} '
-                              f'(its feature strides are {reductions}); Semantic FPN needs strides {FPN_STRIDES}')
-        self.feature_indices = [max(i for i, r in enumerate(reductions) if r == s) for s in FPN_STRIDES]
-        in_channels = [self.backbone.feature_info.channels()[i] for i in self.feature_indices]
-
-        self.fpn = FeaturePyramidNetwork(in_channels, fpn_channels)
-        norm_layer = partial(nn.GroupNorm, 32) if norm == 'gn' else nn.BatchNorm2d
+        super().__init__(backbone, num_classes, pretrained, norm, drop_path_rate, frozen_stages)
+        self.fpn = FeaturePyramidNetwork(self.level_channels, fpn_channels)
+        norm_layer = head_norm(norm)
         self.scale_heads = nn.ModuleList([
             ScaleHead(fpn_channels, head_channels, stride, FPN_STRIDES[0], norm_layer) for stride in FPN_STRIDES])
         self.dropout = nn.Dropout2d(dropout)
@@ -102,14 +123,8 @@ class SemanticFPN(nn.Module):
         nn.init.normal_(self.classifier.weight, std=0.01)
         nn.init.zeros_(self.classifier.bias)
 
-    @property
-    def pretrained_cfg(self) -> dict:
-        """The backbone's timm pretrained cfg (input normalisation mean / std)."""
-        return self.backbone.pretrained_cfg
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.backbone(x)
-        pyramid = self.fpn(OrderedDict((str(s), features[i]) for s, i in zip(FPN_STRIDES, self.feature_indices)))
+        pyramid = self.fpn(OrderedDict((str(s), level) for s, level in zip(FPN_STRIDES, self.levels(x))))
         levels = [head(level) for head, level in zip(self.scale_heads, pyramid.values())]
         out = levels[0]
         for y in levels[1:]:

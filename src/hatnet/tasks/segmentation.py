@@ -43,6 +43,7 @@ from ..errors import DatasetError, HatNetError
 from ..fileio import atomic_write
 from ..models.hat_net import MIN_INPUT_SIZE
 from ..models.semantic_fpn import SemanticFPN
+from ..models.unet import UNetDecoder
 from .predictor import Images, Prediction, Predictor, check_resized_size, read_inputs, read_run
 
 
@@ -59,7 +60,8 @@ class SegmentationConfig:
     short_side: int = 512               # test scale; training scales are short_side x U(ratio_range)
     ratio_range: List[float] = field(default_factory=lambda: [0.5, 2.0])
     cat_max_ratio: float = 0.75         # crop rule: no single class covers more of a crop (1 = off)
-    norm: str = 'gn'                    # scale-head norm: gn | bn
+    head: str = 'fpn'                   # fpn (Semantic FPN, the paper's) | unet (U-Net decoder)
+    norm: str = 'gn'                    # head norm: gn | bn
     drop_path_rate: Optional[float] = 0.1  # backbone stochastic depth (null: the backbone's default)
     slide: bool = False                 # sliding-window evaluation (windows of crop_size, stride 2/3 of it)
     flip: bool = False                  # average with the horizontally flipped image at evaluation
@@ -68,6 +70,14 @@ class SegmentationConfig:
 # the ranges of the numeric settings (checked when the task is made, before any data is read)
 RANGES = dict(num_classes=NON_NEGATIVE, crop_size=Range(32), short_side=Range(32), ratio_range=POSITIVE,
               cat_max_ratio=Range(0, 1, low_open=True), frozen_stages=NON_NEGATIVE, drop_path_rate=FRACTION)
+
+
+HEADS = dict(fpn=SemanticFPN, unet=UNetDecoder)
+
+
+def build_segmenter(head: str, backbone: str, num_classes: int, **kwargs) -> nn.Module:
+    """The segmentation model of ``head`` (a key of :data:`HEADS`) on the timm ``backbone``."""
+    return HEADS[head](backbone, num_classes, **kwargs)
 
 
 def normalization(model_name: str) -> Tuple[Sequence[float], Sequence[float]]:
@@ -207,7 +217,11 @@ def fit_recipe(task_cfg: 'SegmentationConfig', train_cfg: TrainConfig, given: fr
     crop_size = task_cfg.crop_size if 'crop_size' in given else min(task_cfg.crop_size, short_side)
     if crop_size != task_cfg.crop_size:
         choose('crop_size', crop_size, f'training crops of the test scale, {crop_size} px')
-    if short_side < PAPER_SIZED * SegmentationConfig.short_side:
+    scratch = task_cfg.pretrained is None
+    if scratch:
+        choose('ratio_range', [1.0, 1.0], 'backbone from scratch on a short schedule: training at the test scale '
+                                          '(scale jitter slowed it down without helping the held-out score)')
+    elif short_side < PAPER_SIZED * SegmentationConfig.short_side:
         # training scales 0.5-2x of a small image make shapes of a few pixels or crops of a few parts of one
         choose('ratio_range', [0.75, 1.5], 'small images: training scales 0.75-1.5x instead of 0.5-2x')
 
@@ -232,8 +246,10 @@ def fit_recipe(task_cfg: 'SegmentationConfig', train_cfg: TrainConfig, given: fr
         if 'save_every' not in given:
             choose('save_every', every, 'checkpoint at every evaluation')
 
-    scratch = task_cfg.pretrained is None
     if scratch:
+        if 'head' not in given and task_cfg.head == 'fpn':
+            choose('head', 'unet', 'backbone from scratch: a U-Net decoder, which learns from few images far faster '
+                                   'than Semantic FPN')
         if task_cfg.drop_path_rate:
             choose('drop_path_rate', 0.0, 'backbone from scratch on a short schedule: no stochastic depth')
         lr_base = train_cfg.lr_base_size
@@ -263,6 +279,8 @@ class SegmentationTask(Task):
             raise HatNetError(f'ratio_range must be [low, high], got {config.ratio_range}')
         if config.norm not in ('gn', 'bn'):
             raise HatNetError(f"norm must be 'gn' or 'bn', got {config.norm!r}")
+        if config.head not in HEADS:
+            raise HatNetError(f"head must be one of {', '.join(HEADS)}, got {config.head!r}")
         get_layout(config.layout)
         self.config = config
         self.data: Optional[SegmentationData] = None  # the checked dataset: build_datasets
@@ -284,8 +302,8 @@ class SegmentationTask(Task):
 
     def build_model(self) -> nn.Module:
         cfg = self.config
-        model = SemanticFPN(cfg.model, self.data.num_classes, pretrained=cfg.pretrained, norm=cfg.norm,
-                            drop_path_rate=cfg.drop_path_rate, frozen_stages=cfg.frozen_stages)
+        model = build_segmenter(cfg.head, cfg.model, self.data.num_classes, pretrained=cfg.pretrained, norm=cfg.norm,
+                                drop_path_rate=cfg.drop_path_rate, frozen_stages=cfg.frozen_stages)
         if cfg.norm == 'bn' and distributed.is_distributed() and torch.distributed.get_backend() == 'nccl':
             # batch statistics over the global batch, as mmsegmentation's SyncBN (CUDA only)
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -318,7 +336,7 @@ class SegmentationTask(Task):
         run = read_run(run_or_checkpoint, cls.name)
         state = run.task_state
         cfg = state['config']
-        model = SemanticFPN(cfg['model'], len(state['class_names']), norm=cfg['norm'])
+        model = build_segmenter(cfg.get('head', 'fpn'), cfg['model'], len(state['class_names']), norm=cfg['norm'])
         load_weights(model, run.state_dict, source=str(run.path))
         return SegmentationPredictor(
             model, state['class_names'], device, model_name=cfg['model'], layout=cfg['layout'],
