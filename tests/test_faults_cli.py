@@ -61,6 +61,7 @@ def run(colours, tmp_path_factory):
     (('seg', 'train', '--data', 'MISSING', '--crop-size', 8), 'crop_size must be >= 32, got 8'),
     (('seg', 'train', '--data', 'MISSING', '--set', 'ratio_range=[2, 1]'), 'ratio_range must be [low, high], got [2.0, 1.0]'),
     (('seg', 'train', '--data', 'MISSING', '--norm', 'ln'), "norm must be 'gn' or 'bn', got 'ln'"),
+    (('seg', 'train', '--data', 'MISSING', '--head', 'psp'), "head must be one of fpn, unet, got 'psp'"),
 ])
 def test_bad_option_values_are_one_line_before_anything_is_read_or_written(tmp_path, args, message):
     line = one_line_error(*args, '--out', tmp_path / 'run', '--iters', 1)
