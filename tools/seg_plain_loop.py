@@ -59,8 +59,8 @@ def main():
     torch.manual_seed(0)
 
     data = load_data(args.data, 'folders')
-    train = SegmentationDataset(data.samples['train'], training_transform(args.augment, tuple(args.scales), data.ignore_index),
-                                data.ignore_index, data.reduce_zero_label)
+    augment = training_transform(args.augment, tuple(args.scales), data.ignore_index)
+    train = SegmentationDataset(data.samples['train'], augment, data.ignore_index, data.reduce_zero_label)
     scale = eval_transform(CROP, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     val, seen = (SegmentationDataset(samples, scale, data.ignore_index, data.reduce_zero_label, joint=False)
                  for samples in (data.samples['val'], data.samples['train'][:60]))
