@@ -69,6 +69,25 @@ def test_maskrcnn_uses_all_stages_and_max_pooled_p6():
     assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 4
 
 
+def _group_norms(module):
+    return sum(isinstance(m, torch.nn.GroupNorm) for m in module.modules())
+
+
+def test_head_norm_gn_puts_group_norm_into_the_fpn_and_every_head():
+    plain, normed = retinanet_hat_net(4, head_norm='none'), retinanet_hat_net(4, head_norm='gn')
+    assert _group_norms(plain.backbone.fpn) == _group_norms(plain.head) == 0  # the paper's detectors
+    assert _group_norms(normed.backbone.fpn) == 6  # the 3 lateral and 3 output convs (P6/P7 as before)
+    assert _group_norms(normed.head) == 8  # 4 convs in each of the classification and box branches
+    assert normed.head.classification_head.num_classes == 4
+    assert normed.head.classification_head.num_anchors == plain.head.classification_head.num_anchors
+    model = maskrcnn_hat_net(4, head_norm='gn')
+    assert _group_norms(model.backbone.fpn) == 8
+    assert _group_norms(model.roi_heads.box_head) == 4 and _group_norms(model.roi_heads.mask_head) == 4
+    assert model.roi_heads.box_predictor.cls_score.out_features == 4
+    with pytest.raises(HatNetError, match="unknown head_norm 'bn': choose one of none, gn"):
+        retinanet_hat_net(4, head_norm='bn')
+
+
 def test_frozen_stages_and_group_norms_kept():
     model = retinanet_hat_net(num_classes=3, frozen_stages=2)
     body = model.backbone.body
@@ -116,10 +135,11 @@ def test_any_timm_backbone_and_inference_limits():
 
 
 @pytest.mark.parametrize('arch', ['retinanet', 'maskrcnn'])
-def test_a_few_steps_lower_the_loss(shapes, arch):
+@pytest.mark.parametrize('head_norm', ['none', 'gn'])
+def test_a_few_steps_lower_the_loss(shapes, arch, head_norm):
     torch.manual_seed(0)
     task = DetectionTask(DetectionConfig(arch=arch, data=str(shapes), min_size=64, max_size=80, hflip=0.,
-                                         roi_batch_size=64))
+                                         roi_batch_size=64, head_norm=head_norm))
     train_set, _ = task.build_datasets()  # first: the model's number of classes comes from the data
     model = task.build_model().train()
     outputs = model.head.classification_head.num_classes if arch == 'retinanet' else \
@@ -291,6 +311,9 @@ def test_auto_recipe_on_small_images_trains_at_their_scale_with_a_short_schedule
     assert train_cfg.iters // train_cfg.eval_every >= 2  # the best checkpoint is chosen among evaluations
     # from scratch: a larger lr than the paper's fine-tuning one; fewer sampled RoIs for a few objects per image
     assert train_cfg.lr > paper_train.lr and task_cfg.roi_batch_size < paper_task.roi_batch_size
+    # and normalised heads, no stochastic depth, clipped gradients (the paper's detectors: none of them)
+    assert (task_cfg.head_norm, task_cfg.drop_path_rate, train_cfg.clip_grad) == ('gn', 0.0, 1.0)
+    assert (paper_task.head_norm, paper_task.drop_path_rate, paper_train.clip_grad) == ('none', 0.1, None)
 
 
 def test_auto_recipe_keeps_what_the_user_gave_and_fits_the_rest_to_it(shapes):
@@ -302,8 +325,10 @@ def test_auto_recipe_keeps_what_the_user_gave_and_fits_the_rest_to_it(shapes):
     lr_at_4 = fitted(shapes, batch_size=4)[0].lr
     assert train_cfg.lr > lr_at_4  # lr follows the given batch
     # pretrained backbone: the paper's lr, scaled linearly from batch 16
-    train_cfg, _, _ = fitted(shapes, batch_size=8, pretrained='weights.pth')
+    train_cfg, task_cfg, _ = fitted(shapes, batch_size=8, pretrained='weights.pth')
     assert train_cfg.lr == pytest.approx(paper_configs('retinanet')[0].lr * 8 / 16)
+    assert (task_cfg.head_norm, task_cfg.drop_path_rate, train_cfg.clip_grad) == ('none', 0.1, None)
+    assert fitted(shapes, head_norm='none')[1].head_norm == 'none'
 
 
 def test_auto_recipe_on_a_gpu_batches_more_images_and_keeps_at_least_12_epochs(shapes):
@@ -333,12 +358,13 @@ def run(args):
 
 @pytest.fixture(scope='module')
 def runs(shapes, tmp_path_factory):
-    """One short training run per detector, through the command line."""
+    """One short training run per detector, through the command line (Mask R-CNN's with GroupNorm heads, which
+    every command that loads the run must rebuild)."""
     out = tmp_path_factory.mktemp('runs')
-    for arch in ('retinanet', 'maskrcnn'):
+    for arch, head_norm in (('retinanet', 'none'), ('maskrcnn', 'gn')):
         run(['det', 'train', '--arch', arch, '--data', str(shapes), '--out', str(out / arch), '--iters', '1',
-             '--recipe', 'paper', '--threads', '1', '--batch-size', '2', '--min-size', '64', '--max-size', '80',
-             '--workers', '0', '--device', 'cpu'])
+             '--recipe', 'paper', '--set', f'head_norm={head_norm}', '--threads', '1', '--batch-size', '2',
+             '--min-size', '64', '--max-size', '80', '--workers', '0', '--device', 'cpu'])
     return out
 
 

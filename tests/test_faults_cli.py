@@ -58,6 +58,7 @@ def run(colours, tmp_path_factory):
     (('train', '--data', 'digits', '--mixup', -0.5), 'mixup must be >= 0, got -0.5'),
     (('det', 'train', '--data', 'MISSING', '--min-size', 0), 'min_size must be >= 32, got 0'),
     (('det', 'train', '--data', 'MISSING', '--multi-scale', '640,0'), 'multi_scale must be >= 32, got 0'),
+    (('det', 'train', '--data', 'MISSING', '--set', 'head_norm=bn'), "unknown head_norm 'bn': choose one of none, gn"),
     (('seg', 'train', '--data', 'MISSING', '--crop-size', 8), 'crop_size must be >= 32, got 8'),
     (('seg', 'train', '--data', 'MISSING', '--set', 'ratio_range=[2, 1]'), 'ratio_range must be [low, high], got [2.0, 1.0]'),
     (('seg', 'train', '--data', 'MISSING', '--norm', 'ln'), "norm must be 'gn' or 'bn', got 'ln'"),

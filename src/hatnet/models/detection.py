@@ -8,6 +8,10 @@ segmentation) in PVT's 1x setting. These builders assemble exactly those detecto
 * Mask R-CNN: all four stages (strides 4-32) -> FPN (256 channels) with a max-pooled P6 -> RPN, RoIAlign,
   two-layer box head and four-conv mask head.
 
+``head_norm='gn'`` puts GroupNorm(32) into the FPN and the heads instead (torchvision's "v2" head layout:
+RetinaNet head convs with norm, Mask R-CNN's four-conv-one-fc box head and normalised mask head; the
+detectors of "Rethinking ImageNet Pre-training", which train from scratch). The paper's detectors have none.
+
 The backbone is any timm model created with ``features_only=True`` (every hat_net variant, or e.g. resnet50
 for comparisons), by the one model factory (:mod:`hatnet.models.factory`): pretrained weights load strictly,
 ``frozen_stages`` freezes the stem and the first stages. Normalisation layers outside the frozen stages are
@@ -23,13 +27,17 @@ inference, where torchvision also maps the results back to the size of the input
 """
 import math
 from collections import OrderedDict
-from typing import Dict, Optional, Sequence
+from functools import partial
+from typing import Callable, Dict, Optional, Sequence
 
 import timm
 import torch
 from torch import nn
 from torchvision.models.detection import MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import (
     ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7)
@@ -38,12 +46,13 @@ from torchvision.ops.poolers import initLevelMapper
 from ..errors import HatNetError
 from .factory import Weights, create
 
-__all__ = ['ARCHS', 'StridedRoIAlign', 'TimmBackboneWithFPN', 'anchor_generator', 'check_arch', 'create_detector',
-           'maskrcnn_hat_net', 'retinanet_hat_net']
+__all__ = ['ARCHS', 'HEAD_NORMS', 'StridedRoIAlign', 'TimmBackboneWithFPN', 'anchor_generator', 'check_arch',
+           'check_head_norm', 'create_detector', 'maskrcnn_hat_net', 'retinanet_hat_net']
 
 FPN_CHANNELS = 256
 ANCHOR_SIZE = 32  # torchvision's (and mmdetection's) smallest anchor: 32 px on the finest level, doubling per level
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
+HEAD_NORMS = ('none', 'gn')
 
 
 class TimmBackboneWithFPN(nn.Module):
@@ -53,10 +62,12 @@ class TimmBackboneWithFPN(nn.Module):
     backbone levels (finest first), then the extra levels ('p6', 'p7' or 'pool').
     """
 
-    def __init__(self, body: nn.Module, extra_blocks: ExtraFPNBlock, out_channels: int = FPN_CHANNELS):
+    def __init__(self, body: nn.Module, extra_blocks: ExtraFPNBlock, out_channels: int = FPN_CHANNELS,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None):
         super().__init__()
         self.body = body
-        self.fpn = FeaturePyramidNetwork(body.feature_info.channels(), out_channels, extra_blocks=extra_blocks)
+        self.fpn = FeaturePyramidNetwork(body.feature_info.channels(), out_channels, extra_blocks=extra_blocks,
+                                         norm_layer=norm_layer)
         self.out_channels = out_channels
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -88,6 +99,17 @@ class StridedRoIAlign(MultiScaleRoIAlign):
                                           canonical_level=self.canonical_level)
 
 
+def check_head_norm(head_norm: str) -> None:
+    if head_norm not in HEAD_NORMS:
+        raise HatNetError(f'unknown head_norm {head_norm!r}: choose one of {", ".join(HEAD_NORMS)}')
+
+
+def _norm_layer(head_norm: str) -> Optional[Callable[..., nn.Module]]:
+    check_head_norm(head_norm)
+    # GroupNorm: independent of the batch, which is a few images per step in detection
+    return partial(nn.GroupNorm, 32) if head_norm == 'gn' else None
+
+
 def _transform_kwargs(body: nn.Module, kwargs: dict) -> dict:
     """``kwargs`` plus the backbone's normalisation for torchvision's GeneralizedRCNNTransform."""
     config = timm.data.resolve_model_data_config(body)
@@ -102,6 +124,7 @@ def retinanet_hat_net(
         pretrained_backbone: Optional[Weights] = None,
         frozen_stages: int = 0,
         drop_path_rate: float = 0.1,
+        head_norm: str = 'none',
         **kwargs,
 ) -> RetinaNet:
     """RetinaNet with a timm backbone: stages 2-4 -> FPN with P6/P7 -> torchvision RetinaNet head and loss.
@@ -114,6 +137,7 @@ def retinanet_hat_net(
             (:func:`hatnet.models.factory.create`).
         frozen_stages: freeze the backbone's stem and first N stages.
         drop_path_rate: stochastic depth of the backbone.
+        head_norm: 'none' (the paper's detectors) or 'gn': GroupNorm in the FPN and the heads.
         **kwargs: passed to torchvision's ``RetinaNet``: min_size / max_size (inference resize, 800 / 1333),
             score_thresh (0.05), detections_per_img (here 100, COCO's limit), anchor_generator, nms_thresh, ...
     """
@@ -121,7 +145,12 @@ def retinanet_hat_net(
     # P6/P7 from the last backbone stage (C5), PVT's and mmdetection's 'on_input' extra convs
     extra_levels = LastLevelP6P7(body.feature_info.channels()[-1], FPN_CHANNELS)
     kwargs.setdefault('detections_per_img', 100)
-    return RetinaNet(TimmBackboneWithFPN(body, extra_levels), num_classes, **_transform_kwargs(body, kwargs))
+    norm_layer = _norm_layer(head_norm)
+    if norm_layer:
+        anchors = kwargs.setdefault('anchor_generator', anchor_generator('retinanet'))
+        kwargs['head'] = RetinaNetHead(FPN_CHANNELS, anchors.num_anchors_per_location()[0], num_classes, norm_layer)
+    return RetinaNet(TimmBackboneWithFPN(body, extra_levels, norm_layer=norm_layer), num_classes,
+                     **_transform_kwargs(body, kwargs))
 
 
 def maskrcnn_hat_net(
@@ -130,6 +159,7 @@ def maskrcnn_hat_net(
         pretrained_backbone: Optional[Weights] = None,
         frozen_stages: int = 0,
         drop_path_rate: float = 0.1,
+        head_norm: str = 'none',
         **kwargs,
 ) -> MaskRCNN:
     """Mask R-CNN with a timm backbone: stages 1-4 -> FPN with max-pooled P6 -> torchvision RPN and RoI heads.
@@ -142,7 +172,12 @@ def maskrcnn_hat_net(
     # torchvision's default poolers (7 x 7 boxes, 14 x 14 masks, sampling ratio 2), at the known strides
     kwargs.setdefault('box_roi_pool', StridedRoIAlign(strides, 7))
     kwargs.setdefault('mask_roi_pool', StridedRoIAlign(strides, 14))
-    return MaskRCNN(TimmBackboneWithFPN(body, LastLevelMaxPool()), num_classes, **_transform_kwargs(body, kwargs))
+    norm_layer = _norm_layer(head_norm)
+    if norm_layer:
+        kwargs['box_head'] = FastRCNNConvFCHead((FPN_CHANNELS, 7, 7), [256] * 4, [1024], norm_layer)
+        kwargs['mask_head'] = MaskRCNNHeads(FPN_CHANNELS, [256] * 4, 1, norm_layer)
+    return MaskRCNN(TimmBackboneWithFPN(body, LastLevelMaxPool(), norm_layer=norm_layer), num_classes,
+                    **_transform_kwargs(body, kwargs))
 
 
 ARCHS = {'retinanet': retinanet_hat_net, 'maskrcnn': maskrcnn_hat_net}
