@@ -53,9 +53,9 @@ def segmentation_run(run_dir, backbone, classes, spread_logits=False, head='fpn'
     return save_run(run_dir, 'segmentation', state, model)
 
 
-def detection_run(run_dir, arch):
+def detection_run(run_dir, arch, head_norm='none'):
     torch.manual_seed(0)
-    config = DetectionConfig(arch=arch, min_size=96, max_size=128, detections_per_img=30)
+    config = DetectionConfig(arch=arch, min_size=96, max_size=128, detections_per_img=30, head_norm=head_norm)
     model = build_detector(config, 4)
     head = model.head.classification_head.cls_logits if arch == 'retinanet' else \
         model.roi_heads.box_predictor.cls_score
@@ -153,11 +153,11 @@ def test_hat_net_segmentation_run_exports_with_dynamic_sizes(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('arch', ['retinanet', 'maskrcnn'])
-def test_detection_run_exports_with_pre_and_post_processing(tmp_path, arch, capsys):
+@pytest.mark.parametrize('arch, head_norm', [('retinanet', 'none'), ('maskrcnn', 'gn')])
+def test_detection_run_exports_with_pre_and_post_processing(tmp_path, arch, head_norm, capsys):
     import hatnet
 
-    run = detection_run(tmp_path / 'run', arch)
+    run = detection_run(tmp_path / 'run', arch, head_norm)
     path = tmp_path / f'{arch}.onnx'
     assert export(run, '--onnx', path, '--check-size', '96x128') == 0
     assert '0 unpaired' in capsys.readouterr().out
