@@ -238,7 +238,9 @@ PHOTO_SIDE = 400            # a median shorter side from here on is photo-sized:
 PAPER_PIXELS = 2 * 800 * 1333  # what one paper process holds per step: 2 images at 1333x800
 PAPER_BATCH = 16            # the global batch the recipes' lr and warm-up are written for
 PAPER_WARMUP_STEPS = 500    # mmdetection's warm-up (warmup_epochs 0.068 of COCO's 7330 steps per epoch)
-CPU_BATCH = dict(retinanet=4, maskrcnn=2)  # images per step on a CPU (see fit_recipe)
+# images per step on a CPU (see fit_recipe); Mask R-CNN from scratch learned far more at 4 than at 2 (segm AP
+# 0.24 against 0.15 after 450 steps, docs/detection.md) for twice the time per step
+CPU_BATCH = 4
 # AdamW lr with a from-scratch backbone at up to 4 images per step, with the GroupNorm heads and clipped gradients
 # of fit_recipe, measured on ``hatnet det shapes`` (docs/detection.md): RetinaNet bbox AP 0.28 at 3e-4, 0.20 at
 # its recipe's 1e-4, 0.22 at 5e-4; Mask R-CNN learns at 3e-4 too
@@ -307,7 +309,7 @@ def fit_recipe(task_cfg: DetectionConfig, train_cfg: TrainConfig, given: frozens
     if 'batch_size' in given:
         batch = train_cfg.batch_size
     elif device.type == 'cpu':
-        batch = CPU_BATCH[arch]
+        batch = CPU_BATCH
         choices.append(Choice('batch_size', batch, 'on a CPU a step costs in proportion to its images: small '
                                                    'batches give more steps per hour, which short runs need'))
     else:
