@@ -6,9 +6,11 @@ tells its class. Each run is ``hatnet det train --arch ARCH --data DIR --out RUN
 recipe: the images' own scale, 600 steps, ...), scored by ``hatnet det eval --json``.
 
 The bar is the issue's target (AP 0.3). A broken model, trained the same way on the same images with the
-training labels shuffled between the instances (boxes and masks kept), must miss the same bar: it can find
-shapes but not tell them apart, which is all the bar is about. On this project's 2-core CPU a run takes
-25-60 minutes (docs/detection.md).
+training labels shuffled between the instances (boxes and masks kept), can find shapes but not tell them
+apart; the trained model must score at least MARGIN above it. (The broken model comes near the bar on its
+own: with boxes this good, RetinaNet with shuffled labels scored bbox AP 0.26 on this test's images after
+600 steps, against 0.46 trained.) On this project's 2-core CPU, shared with three or four other runs, a
+RetinaNet run took 33-40 minutes and a Mask R-CNN run about two hours (docs/detection.md).
 """
 import json
 import shutil
@@ -24,6 +26,7 @@ pytestmark = pytest.mark.slow
 
 TARGET = {'retinanet': 'bbox_AP', 'maskrcnn': 'segm_AP'}
 BAR = 0.3
+MARGIN = 0.1  # AP that telling the shapes apart adds over the shuffled-labels model
 SEED = 11  # not a seed the fast tests or docs/detection.md use
 
 
@@ -53,10 +56,9 @@ def train_and_evaluate(data, val_data, arch, out, capsys):
     return json.loads(capsys.readouterr().out)
 
 
-# Not reached yet by HAT-Net-Tiny from scratch in the auto recipe's 600 CPU steps: on this test's images
-# (`hatnet det shapes DIR --seed 11`) RetinaNet's trained run scored bbox AP 0.259; on seed 1 (docs/detection.md)
-# RetinaNet 0.282, Mask R-CNN segm AP 0.272. Strict, so that reaching it fails loudly and the mark is removed.
-@pytest.mark.xfail(strict=True, reason='AP target 0.3 not reached in 600 steps from scratch (docs/detection.md)')
+# Measured with the auto recipe's 8 images per step (docs/detection.md): on this test's images (`hatnet det
+# shapes DIR --seed 11`) RetinaNet's trained run scored bbox AP 0.460; on seed 1 RetinaNet 0.501, Mask R-CNN
+# segm AP 0.48.
 @pytest.mark.parametrize('arch', ['retinanet', 'maskrcnn'])
 def test_auto_recipe_learns_geometry_and_a_broken_model_does_not(shapes, tmp_path, arch, capsys):
     key = TARGET[arch]
@@ -64,5 +66,5 @@ def test_auto_recipe_learns_geometry_and_a_broken_model_does_not(shapes, tmp_pat
     broken = train_and_evaluate(shuffled_labels(shapes, tmp_path / 'shuffled'), shapes, arch, tmp_path / 'broken',
                                 capsys)
     print(arch, key, 'trained', round(trained[key], 3), 'shuffled labels', round(broken[key], 3))
-    assert broken[key] < BAR
     assert trained[key] >= BAR
+    assert trained[key] >= broken[key] + MARGIN

@@ -46,7 +46,7 @@ def test_small_images_get_their_own_scale_and_a_short_schedule(small):
     assert task_cfg.ratio_range[0] >= 0.5 and task_cfg.ratio_range[1] <= 2
     assert 0 < train_cfg.iters <= 1000 and train_cfg.eval_every <= train_cfg.iters // 2
     assert 0 < train_cfg.warmup_iters < train_cfg.iters // 5
-    assert train_cfg.batch_size <= 8 and task_cfg.norm == 'bn' and task_cfg.drop_path_rate == 0
+    assert train_cfg.batch_size <= 16 and task_cfg.norm == 'bn' and task_cfg.drop_path_rate == 0
     assert task_cfg.head == 'unet'        # a backbone from scratch: the decoder that learns from few images
     assert task_cfg.ratio_range == [1.0, 1.0]   # ... at the test scale: scale jitter slows a short run
     effective_lr = train_cfg.lr * train_cfg.batch_size / train_cfg.lr_base_size
@@ -72,13 +72,13 @@ def test_given_settings_are_kept_and_the_related_choices_follow_them(small):
     assert task_cfg.crop_size == 64                       # crops of the given scale
     assert task_cfg.norm == 'gn'                          # batch statistics of 2 images are too noisy
     assert train_cfg.warmup_iters < 200 // 5 and train_cfg.eval_every <= 100   # of the given length
-    _, _, default = fitted(small)
-    default_lr = default['lr'].value * default['batch_size'].value / 16
-    assert train_cfg.lr * 2 / train_cfg.lr_base_size == pytest.approx(default_lr * 2 / 8)   # lr follows the batch
+    default, _, _ = fitted(small)
+    lr_per_image = default.lr / default.lr_base_size   # the default run's lr, divided by its batch
+    assert train_cfg.lr * 2 / train_cfg.lr_base_size == pytest.approx(lr_per_image * 2)   # lr follows the batch
 
     # an lr without linear scaling (lr_base_size 0) is chosen for the given batch itself
     train_cfg, _, choices = fitted(small, batch_size=4, lr_base_size=0)
-    assert train_cfg.lr_base_size == 0 and train_cfg.lr == pytest.approx(default_lr * 4 / 8)
+    assert train_cfg.lr_base_size == 0 and train_cfg.lr == pytest.approx(lr_per_image * 4)
 
     # what the user gave is never replaced, even where the auto recipe would differ
     train_cfg, task_cfg, choices = fitted(small, batch_size=2, lr=3e-4, norm='bn', drop_path_rate=0.2,

@@ -238,12 +238,13 @@ PHOTO_SIDE = 400            # a median shorter side from here on is photo-sized:
 PAPER_PIXELS = 2 * 800 * 1333  # what one paper process holds per step: 2 images at 1333x800
 PAPER_BATCH = 16            # the global batch the recipes' lr and warm-up are written for
 PAPER_WARMUP_STEPS = 500    # mmdetection's warm-up (warmup_epochs 0.068 of COCO's 7330 steps per epoch)
-# images per step on a CPU (see fit_recipe); Mask R-CNN from scratch learned far more at 4 than at 2 (segm AP
-# 0.24 against 0.15 after 450 steps, docs/detection.md) for twice the time per step
-CPU_BATCH = 4
-# AdamW lr with a from-scratch backbone at up to 4 images per step, with the GroupNorm heads and clipped gradients
-# of fit_recipe, measured on ``hatnet det shapes`` (docs/detection.md): RetinaNet bbox AP 0.28 at 3e-4, 0.20 at
-# its recipe's 1e-4, 0.22 at 5e-4; Mask R-CNN learns at 3e-4 too
+# images per step on a CPU (see fit_recipe): from scratch, more images per step learned far more in the same 600
+# steps, for proportionally more time per step (docs/detection.md: RetinaNet bbox AP 0.50 at 8 against 0.28 at 4;
+# Mask R-CNN segm AP 0.27 at 4 against 0.17 at 2)
+CPU_BATCH = 8
+# AdamW lr with a from-scratch backbone at 4 images per step (x sqrt(batch / 4) above), with the GroupNorm heads
+# and clipped gradients of fit_recipe, measured on ``hatnet det shapes`` at batch 4 (docs/detection.md): RetinaNet
+# bbox AP 0.28 at 3e-4, 0.20 at its recipe's 1e-4, 0.22 at 5e-4
 SCRATCH_LR = 3e-4
 SHORT_RUN = 600             # optimiser steps of a run on small data (see fit_recipe)
 EVALUATIONS = 4             # per run on small data: enough to keep the best checkpoint, few enough to be cheap
@@ -310,8 +311,8 @@ def fit_recipe(task_cfg: DetectionConfig, train_cfg: TrainConfig, given: frozens
         batch = train_cfg.batch_size
     elif device.type == 'cpu':
         batch = CPU_BATCH
-        choices.append(Choice('batch_size', batch, 'on a CPU a step costs in proportion to its images: small '
-                                                   'batches give more steps per hour, which short runs need'))
+        choices.append(Choice('batch_size', batch, f'{batch} images per step on a CPU: from scratch, a short run '
+                                                   f'learned far more from {batch} than from fewer per step'))
     else:
         pixels = min_size * max_size
         batch = int(min(PAPER_BATCH, max(2, PAPER_PIXELS // pixels)))

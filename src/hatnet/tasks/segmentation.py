@@ -159,10 +159,11 @@ def segmentation_metrics(confusion: torch.Tensor) -> Dict[str, Any]:
 SIZE_SAMPLE = 200            # images whose headers are read to learn the data's sizes
 PAPER_SIZED = 0.75           # images with a median short side of at least this times the recipe's test scale
 PAPER_IMAGES = 1000          # ... and at least this many of them are ADE20K-like: the recipe is kept as it is
-CPU_BATCH = 8                # images per step on a CPU: a step of ~1-4 s at 64-128 px for hat_net_tiny
+CPU_BATCH = 16               # images per step on a CPU: from scratch, 600 steps of 16 learned more than of 8
+                             # (docs/segmentation.md); ~1 s per step at 128 px for hat_net_tiny on 2 cores
 MIN_BN_BATCH = 8             # the head keeps the recipe's BatchNorm from this batch on (at 8 it fits the
                              # training images a little faster than GroupNorm and validates the same)
-SCRATCH_LR = 1e-3            # AdamW peak lr of a randomly initialised backbone at batch CPU_BATCH (3x scores the same)
+SCRATCH_LR = 1e-3            # AdamW peak lr of a randomly initialised backbone at batch CPU_BATCH (2x learned less)
 SMALL_DATA_EPOCHS = 16       # passes over a small dataset when the user gives no length
 MIN_ITERS = 600
 
