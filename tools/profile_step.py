@@ -1,0 +1,64 @@
+"""Where one training step of a backbone spends its time: a torch.profiler table of the largest operators.
+
+One step = forward, a loss, backward (no optimizer), fp32 or bf16 autocast, channels_last inputs, freed memory
+kept for the next step as the trainer keeps it. Classification at 224 x 224 (cross-entropy on the logits) by
+default; ``--features`` profiles the backbone as a dense-task feature extractor (a mean-square loss on its
+stride-8/16/32 maps), e.g. at the detection size 800 x 1344. Two untimed steps come first.
+
+    PYTHONPATH=src python tools/profile_step.py hat_net_tiny --size 800x1344 --batch-size 2 --features
+    PYTHONPATH=src python tools/profile_step.py hat_net_small --dtype bf16 [--threads 2] [--rows 20]
+"""
+import argparse
+import time
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+import hatnet.models  # noqa: F401  (registers the hat_net models with timm)
+from hatnet.models.runtime import keep_freed_memory
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('model', help='any timm model name')
+    parser.add_argument('--size', default='224x224', help='HxW of the input')
+    parser.add_argument('--batch-size', type=int, default=16)
+    parser.add_argument('--dtype', choices=('fp32', 'bf16'), default='fp32')
+    parser.add_argument('--features', action='store_true', help='features_only: the stride-8/16/32 maps')
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--rows', type=int, default=15, help='operators per table')
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    keep_freed_memory()
+    height, width = (int(side) for side in args.size.split('x'))
+
+    kwargs = dict(features_only=True, out_indices=(1, 2, 3)) if args.features else {}
+    model = timm.create_model(args.model, **kwargs).to(memory_format=torch.channels_last).train()
+    images = torch.randn(args.batch_size, 3, height, width).to(memory_format=torch.channels_last)
+    labels = torch.randint(0, 1000, (args.batch_size,))
+
+    def step() -> None:
+        with torch.autocast('cpu', torch.bfloat16, enabled=args.dtype == 'bf16'):
+            out = model(images)
+            loss = sum(f.float().pow(2).mean() for f in out) if args.features else F.cross_entropy(out, labels)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    start = time.perf_counter()
+    step()
+    print(f'{args.model}, {args.dtype}, batch {args.batch_size} at {height}x{width}, {args.threads} threads: '
+          f'{time.perf_counter() - start:.2f} s per step (unprofiled)')
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    averages = prof.key_averages()
+    print(averages.table(sort_by='self_cpu_time_total', row_limit=args.rows, max_name_column_width=45))
+    print(prof.key_averages(group_by_input_shape=True).table(
+        sort_by='self_cpu_time_total', row_limit=args.rows, max_name_column_width=45, max_shapes_column_width=100))
+
+
+if __name__ == '__main__':
+    main()
