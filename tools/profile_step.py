@@ -54,8 +54,7 @@ def main() -> None:
           f'{time.perf_counter() - start:.2f} s per step (unprofiled)')
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         step()
-    averages = prof.key_averages()
-    print(averages.table(sort_by='self_cpu_time_total', row_limit=args.rows, max_name_column_width=45))
+    print(prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=args.rows, max_name_column_width=45))
     print(prof.key_averages(group_by_input_shape=True).table(
         sort_by='self_cpu_time_total', row_limit=args.rows, max_name_column_width=45, max_shapes_column_width=100))
 

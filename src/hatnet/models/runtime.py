@@ -115,9 +115,9 @@ def keep_freed_memory() -> bool:
         libc = ctypes.CDLL('libc.so.6')
     except OSError:
         return False
-    # mallopt(int, int): declared, so that a value out of int range raises instead of wrapping around (a
-    # trim threshold of 2**62 passed as a plain int became 0: trim on every free, the opposite of the aim)
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     m_trim_threshold, m_mmap_threshold = -1, -3
-    # mmap only blocks of 1 GiB and more; a trim threshold of -1 (SIZE_MAX inside glibc) never trims the heap
+    # mmap only blocks of 1 GiB and more, and never trim the heap: the value is a C int, and -1 (SIZE_MAX inside
+    # glibc) is the way to say "never"; ctypes cuts larger Python ints silently (2**62 would arrive as 0, which
+    # trims on every free)
     return bool(libc.mallopt(m_mmap_threshold, 2 ** 30) and libc.mallopt(m_trim_threshold, -1))
