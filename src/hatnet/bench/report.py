@@ -65,8 +65,9 @@ def _fmt(value: float, spec: str) -> str:
 
 def table(rows: Sequence[BenchRow], baseline: str, title: str) -> Table:
     t = Table(title=title, title_justify='left')
+    compiled = any(row.runtime == 'compile' for row in rows)
     for column in ('model', 'input', 'batch', 'img/s', f'× {baseline}', 'latency bs1 (ms)', 'peak mem (MiB)',
-                   'GMACs', 'params (M)', 'max |Δ| vs eager fp32', 'status'):
+                   'GMACs', 'params (M)', 'max |Δ| vs eager fp32') + (('compile (s)',) if compiled else ()) + ('status',):
         t.add_column(column, justify='left' if column in ('model', 'input', 'status') else 'right')
     previous = None
     for row in rows:
@@ -78,7 +79,8 @@ def table(rows: Sequence[BenchRow], baseline: str, title: str) -> Table:
         t.add_row(Text(row.label), f'{row.height}x{row.width}', str(row.batch), _fmt(row.img_per_s, '.2f'),
                   Text(ratio, style='bold' if row.label == baseline else ''), _fmt(row.latency_ms, '.1f'),
                   _fmt(row.peak_memory_mb, '.0f'), _fmt(row.gmacs, '.2f'), _fmt(row.params_m, '.1f'),
-                  _fmt(row.max_abs_diff, '.1e'), Text(row.status, style='' if row.status == 'ok' else 'yellow'))
+                  _fmt(row.max_abs_diff, '.1e'), *([_fmt(row.compile_s, '.0f')] if compiled else []),
+                  Text(row.status, style='' if row.status == 'ok' else 'yellow'))
     return t
 
 
