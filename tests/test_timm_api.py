@@ -1,4 +1,5 @@
 """The timm model API and real clients of it (segmentation-models-pytorch, torchvision FPN)."""
+import copy
 from collections import OrderedDict
 
 import pytest
@@ -91,6 +92,18 @@ def test_unused_proj_norm_gets_zero_gradient_and_never_changes_outputs():
         torch.testing.assert_close(train_out.detach(), before, rtol=0, atol=0)  # no dropout: same function
         proj_norm.weight.fill_(123.)
         torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_channels_last_weights_train_bit_for_bit_the_same():
+    """The trainer converts models to channels_last by default; hat_net computes in NHWC whatever the layout."""
+    model = timm.create_model('hat_net_tiny', num_classes=4, drop_rate=0., drop_path_rate=0.).train()
+    converted = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    assert converted.stem.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    x, target = torch.randn(2, 3, 72, 88), torch.tensor([1, 3])  # ragged grid cells in stages 1-3
+    for m in (model, converted):
+        torch.nn.functional.cross_entropy(m(x), target).backward()
+    for (name, a), b in zip(model.named_parameters(), converted.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=name)
 
 
 def test_group_matcher_orders_stem_blocks_and_head(tiny):

@@ -2,14 +2,16 @@
 
 Each recipe's detector (HAT-Net backbone) and the same detector on timm's ResNet-50 (the paper's baseline
 backbone) run forward + backward + AdamW step on a synthetic batch of 1333x800 images with 10 boxes (and
-masks) each, with the trainer's CPU settings (fused AdamW, freed memory kept for the next step). The models
-are timed interleaved, so a busy machine slows both alike; the table gives the mean, the spread, and the
-ratio to ResNet-50 measured in the same run.
+masks) each, with the trainer's CPU settings (channels_last, fused AdamW, freed memory kept for the next step).
+The models are timed interleaved, so a busy machine slows both alike; the table gives the mean, the spread, and
+the ratio to ResNet-50 in the same memory layout, measured in the same run. ``--layouts channels_last nchw``
+times every detector in both layouts.
 
     PYTHONPATH=src python tools/bench_detection.py [--batch-size 2] [--repeats 3] [--threads N]
-        [--models hat_net_tiny resnet50]
+        [--models hat_net_tiny resnet50] [--archs retinanet maskrcnn] [--layouts channels_last nchw]
 """
 import argparse
+import itertools
 import statistics
 import time
 
@@ -49,6 +51,8 @@ def main():
     parser.add_argument('--models', nargs='+', default=['hat_net_tiny', 'resnet50'], help='first: the one compared')
     parser.add_argument('--archs', nargs='+', default=['retinanet', 'maskrcnn'])
     parser.add_argument('--threads', type=int, default=0, help="intra-op threads (0: PyTorch's default)")
+    parser.add_argument('--layouts', nargs='+', default=['channels_last'], choices=['channels_last', 'nchw'],
+                        help="the models' memory format (channels_last: the trainer's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -59,11 +63,13 @@ def main():
         recipe = load_recipe(find_recipe(f'coco_{arch}_1x'))
         config = DetectionConfig(arch=arch, drop_path_rate=recipe['drop_path_rate'])
         batch = synthetic_batch(args.batch_size, with_masks=arch == 'maskrcnn')
-        for name in args.models:
+        for layout, name in itertools.product(args.layouts, args.models):
             model = build_detector(DetectionConfig(**{**vars(config), 'model': name}), NUM_CLASSES).train()
+            if layout == 'channels_last':
+                model.to(memory_format=torch.channels_last)
             optimizer = torch.optim.AdamW(model.parameters(), lr=recipe['lr'], weight_decay=recipe['weight_decay'],
                                           **fast_optimizer_kwargs(torch.device('cpu')))  # the trainer's fused AdamW
-            runs[arch, name] = dict(model=model, optimizer=optimizer, batch=batch, times=[])
+            runs[arch, layout, name] = dict(model=model, optimizer=optimizer, batch=batch, times=[])
 
     def step(run):
         start = time.perf_counter()
@@ -78,17 +84,17 @@ def main():
             seconds = step(run)
             if repeat:
                 run['times'].append(seconds)
-            print(f'{key[0]:>9} {key[1]:>14} round {repeat}: {seconds:.1f} s', flush=True)
+            print(f'{key[0]:>9} {key[1]:>13} {key[2]:>14} round {repeat}: {seconds:.1f} s', flush=True)
 
     table = Table(title=f'Training iteration at {WIDTH}x{HEIGHT}, batch {args.batch_size}, '
                         f'{torch.get_num_threads()} threads, fp32')
-    for column in ('recipe', 'backbone', 's / iteration', 'min - max', f'ratio to {args.models[-1]}'):
-        table.add_column(column, justify='left' if column in ('recipe', 'backbone') else 'right')
-    for (arch, name), run in runs.items():
+    for column in ('recipe', 'layout', 'backbone', 's / iteration', 'min - max', f'ratio to {args.models[-1]}'):
+        table.add_column(column, justify='left' if column in ('recipe', 'layout', 'backbone') else 'right')
+    for (arch, layout, name), run in runs.items():
         mean = statistics.mean(run['times'])
-        base = statistics.mean(runs[arch, args.models[-1]]['times'])
-        table.add_row(f'coco_{arch}_1x', name, f'{mean:.1f}', f'{min(run["times"]):.1f} - {max(run["times"]):.1f}',
-                      f'{mean / base:.2f}')
+        base = statistics.mean(runs[arch, layout, args.models[-1]]['times'])
+        table.add_row(f'coco_{arch}_1x', layout, name, f'{mean:.1f}',
+                      f'{min(run["times"]):.1f} - {max(run["times"]):.1f}', f'{mean / base:.2f}')
     Console(width=110).print(table)
 
 
