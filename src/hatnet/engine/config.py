@@ -68,9 +68,10 @@ class TrainConfig:
     poly_power: float = _setting(0.9, 'sched poly: power of the decay.', OPTIMISATION)
     # numerics and speed
     amp: str = _setting('none', 'none | bf16 (autocast, CPU and CUDA) | fp16 (CUDA, with a GradScaler).', SPEED)
-    channels_last: bool = _setting(True, "Convert the model to the NHWC memory format, the convolutions' fastest on "
-                                         'CPU (oneDNN) and CUDA. hat_net models compute in NHWC either way (the '
-                                         'same numbers bit for bit); other backbones as fast or faster.', SPEED)
+    channels_last: bool = _setting(True, 'Convert the model to the NHWC memory format, the one PyTorch recommends for '
+                                         'convolutions on CPU (oneDNN) and CUDA. hat_net models compute in NHWC '
+                                         'either way (the same numbers bit for bit); other backbones train as fast '
+                                         'or faster.', SPEED)
     compile: bool = _setting(False, 'torch.compile (inductor) the training forward and backward; the first steps '
                                     'compile (minutes on a CPU).', SPEED)
     ema: bool = _setting(False, "Keep an EMA of the weights (timm ModelEmaV3), evaluated too (val_ema_*).", SPEED)
