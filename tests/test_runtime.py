@@ -1,15 +1,17 @@
 """optimize_for_cpu: the batch-sliced CPU inference form gives the plain model's outputs and is safe anywhere."""
 import warnings
+from unittest import mock
 
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounter
 
 from hatnet.bench import compile_model
 from hatnet.models import HatNet, optimize_for_cpu
 from hatnet.models.hat_net import InvertedResidual
-from hatnet.models.runtime import SlicedInvertedResidual
+from hatnet.models.runtime import _HAS_FUSED_CONV, SlicedInvertedResidual
 
 # hat_net_tiny at 64 x 64: one image's hidden MLP map is 384 x 16 x 16 float32 = 393216 bytes in stage 0 and
 # 768 x 8 x 8 = 196608 bytes in stage 1. A budget of two stage-0 maps slices a batch of 5 into 2 + 2 + 1
@@ -24,9 +26,10 @@ def _tiny(**kwargs):
 
 
 def _record_slices(model):
-    """fc1 of every MLP runs once per slice: per stage, the batch sizes its first block's fc1 saw."""
+    """The input norm of every MLP runs once per slice: per stage, the batch sizes its first block's norm saw.
+    (A hook on the norm, not on fc1: hooks on fc1 or conv_dw switch off the fused-SiLU path.)"""
     seen = {i: [] for i in range(len(model.stages))}
-    handles = [stage.blocks[0].mlp.fc1.register_forward_hook(
+    handles = [stage.blocks[0].mlp.norm.register_forward_hook(
         lambda module, inputs, output, i=i: seen[i].append(len(inputs[0]))) for i, stage in enumerate(model.stages)]
     return seen, handles
 
@@ -52,6 +55,46 @@ def test_training_runs_the_whole_batch():
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     out.sum().backward()
     assert all(p.grad is not None for p in optimized.parameters())
+
+
+def _plain_and_sliced_mlp():
+    torch.manual_seed(0)
+    plain = InvertedResidual(48, 384).eval()
+    sliced = optimize_for_cpu(InvertedResidual(48, 384).eval(), slice_bytes=2 * 384 * 20 * 24 * 4)
+    sliced.load_state_dict(plain.state_dict())
+    x = torch.randn(5, 48, 20, 24).contiguous(memory_format=torch.channels_last)
+    return plain, sliced, x
+
+
+@pytest.mark.skipif(not _HAS_FUSED_CONV, reason="this PyTorch build has no oneDNN fused convolution")
+def test_float32_inference_fuses_silu_into_the_convolutions():
+    plain, sliced, x = _plain_and_sliced_mlp()
+    with torch.inference_mode():
+        expected = plain(x)
+        with mock.patch.object(F, 'silu', side_effect=AssertionError('separate SiLU pass')):
+            out = sliced(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_mode_with_grad_mode_on_gives_input_gradients():
+    """Saliency maps and adversarial inputs need d(output)/d(input) in eval mode: the fused operator has no
+    backward, so grad mode keeps the plain MLP (on slices)."""
+    plain, sliced, x = _plain_and_sliced_mlp()
+    grads = []
+    for mlp in (plain, sliced):
+        image = x.clone().requires_grad_()
+        mlp(image).square().sum().backward()
+        grads.append(image.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
+
+
+def test_hooks_on_the_mlp_convolutions_still_fire():
+    _, sliced, x = _plain_and_sliced_mlp()
+    calls = []
+    sliced.fc1.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    with torch.inference_mode():
+        sliced(x)
+    assert calls == [2, 2, 1]
 
 
 def test_optimize_for_cpu_works_in_place_and_keeps_the_weights():

@@ -38,8 +38,9 @@ def _check_extractor(model):
         features = extractor(images)
         expected = model.forward_intermediates(images, indices=[1, 3], intermediates_only=True)
         logits = model(images)
-    assert torch.equal(features['c3'], expected[0]) and torch.equal(features['c5'], expected[1])
-    assert torch.equal(features['logits'], logits)
+    # the traced graph runs the plain MLP; the eager CPU form fuses its SiLUs (float32 rounding apart)
+    for got, want in [(features['c3'], expected[0]), (features['c5'], expected[1]), (features['logits'], logits)]:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_feature_extractor_keeps_the_input_check():

@@ -63,7 +63,8 @@ class Predictor(ABC):
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.model = model.to(self.device).eval()
         if self.device.type == 'cpu':
-            optimize_for_cpu(self.model)  # HAT-Net's batch-sliced MLPs: the same outputs, faster on CPU
+            # HAT-Net's batch-sliced MLPs with fused SiLU: outputs equal within float32 rounding, faster on CPU
+            optimize_for_cpu(self.model)
         self.class_names = list(class_names)
 
     def check_input(self, source: Optional[str], picture: Image.Image) -> None:
