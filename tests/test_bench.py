@@ -2,6 +2,7 @@
 import csv
 import math
 import time
+from unittest import mock
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from typer.testing import CliRunner
 
 from hatnet.bench import (BenchConfig, RunSettings, build_model, make_runner, parse_resolution, peak_memory_mb,
                           run_bench)
+from hatnet.bench.measure import describe_machine
 from hatnet.bench.runner import batch_for
 from hatnet.cli import app, main
 from hatnet.errors import HatNetError
@@ -201,3 +203,14 @@ def test_bench_cli_train_mode_and_compare_table(tmp_path):
         ('hat_net_tiny', 'infer'), ('resnet18', 'infer'), ('hat_net_tiny', 'train'), ('resnet18', 'train')]
     assert {r['channels_last'] for r in rows} == {'True'}  # the default: every model channels_last
     assert 'hat_net_tiny / resnet18' in result.output and 'eager, fp32, train' in result.output
+
+
+@pytest.mark.parametrize('flags, expected', [
+    ('fpu avx2 avx512f avx512_vnni', 'AVX-512, no bf16 instructions'),
+    ('fpu avx2 avx512f avx512_bf16', 'AVX-512 (avx512_bf16)'),
+    ('fpu avx2 amx_bf16', 'AVX2 (amx_bf16)'),
+])
+def test_the_report_says_whether_the_cpu_has_bf16_instructions(flags, expected):
+    cpuinfo = f'model name\t: Some CPU\nflags\t\t: {flags}\n'
+    with mock.patch('builtins.open', mock.mock_open(read_data=cpuinfo)):
+        assert describe_machine(torch.device('cpu')).endswith(expected)

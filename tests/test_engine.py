@@ -177,6 +177,14 @@ def test_bf16_autocast_trains(tmp_path):
     assert result['metrics']['val_acc'] > 0.9 and result['metrics']['train_loss'] < 0.5
 
 
+@pytest.mark.parametrize('emulated', [True, False])
+def test_bf16_on_a_cpu_without_bf16_instructions_says_float32_is_faster(tmp_path, monkeypatch, emulated):
+    monkeypatch.setattr('hatnet.engine.trainer.cpu_emulates_bf16', lambda: emulated)
+    train(ToyTask(), _cfg(tmp_path / 'run', amp='bf16', iters=2, eval_every=2))
+    log = (tmp_path / 'run' / 'log.txt').read_text()
+    assert ('no bf16 instructions' in log) == emulated
+
+
 def test_killed_process_resumes_exactly(tmp_path):
     """kill -9 a real training process in the middle of an epoch, resume it, compare with a clean run."""
     settings = dict(iters=16, eval_every=8, save_every=1)

@@ -86,7 +86,9 @@ def describe_machine(device: torch.device) -> str:
         pass
     vector = 'AVX-512' if 'avx512f' in flags else 'AVX2' if 'avx2' in flags else 'no AVX2'
     extras = [f for f in ('avx512_bf16', 'amx_bf16') if f in flags]
-    return f'{name}, {os.cpu_count()} CPUs, {vector}' + (f' ({", ".join(extras)})' if extras else '')
+    # without bf16 instructions, bf16 rows measure a software conversion, not the CPU's bf16 speed
+    bf16 = f' ({", ".join(extras)})' if extras else ', no bf16 instructions' if 'avx2' in flags else ''
+    return f'{name}, {os.cpu_count()} CPUs, {vector}{bf16}'
 
 
 def load_average() -> Tuple[float, float, float]:

@@ -22,6 +22,7 @@ next step instead of returning it to the OS (the trainer and ``hatnet bench`` ca
 """
 import copy
 import ctypes
+import platform
 from typing import Optional
 
 import torch
@@ -30,9 +31,10 @@ from torch import nn
 
 from .hat_net import InvertedResidual, _cpu_autocast_on
 
-__all__ = ['SLICE_BYTES', 'SlicedInvertedResidual', 'images_per_slice', 'keep_freed_memory', 'optimize_for_cpu']
+__all__ = ['SLICE_BYTES', 'SlicedInvertedResidual', 'cpu_emulates_bf16', 'images_per_slice', 'keep_freed_memory',
+           'optimize_for_cpu']
 
-SLICE_BYTES = 16 << 20  # best budget for eager PyTorch on CPU (docs/performance.md)
+SLICE_BYTES = 16 << 20  # best budget on an AMD Zen 4; on an Intel Ice Lake any budget is the same (docs/performance.md)
 
 
 def images_per_slice(x: torch.Tensor, hidden_channels: int, value_bytes: int, slice_bytes: int) -> int:
@@ -132,3 +134,11 @@ def keep_freed_memory() -> bool:
     # glibc) is the way to say "never"; ctypes cuts larger Python ints silently (2**62 would arrive as 0, which
     # trims on every free)
     return bool(libc.mallopt(m_mmap_threshold, 2 ** 30) and libc.mallopt(m_trim_threshold, -1))
+
+
+def cpu_emulates_bf16() -> bool:
+    """This x86 CPU has no bf16 instructions (AVX-512-BF16, AMX): bf16 autocast converts in software there and
+    runs slower than float32 (HAT-Net-Tiny's training step 1.7x slower on an Intel Ice Lake; docs/performance.md)."""
+    if platform.machine().lower() not in ('x86_64', 'amd64'):
+        return False  # other architectures: no such check here
+    return not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
