@@ -102,10 +102,13 @@ def test_sliced_bf16_mlp_fuses_silu_and_matches_the_plain_mlp():
     sliced.load_state_dict(plain.state_dict())
     assert type(sliced) is SlicedInvertedResidual
     x = torch.randn(5, 48, 20, 24).contiguous(memory_format=torch.channels_last)
+    slices = []  # the budget holds two bf16 hidden maps: slices of 2, 2 and 1 images
+    sliced.norm.register_forward_hook(lambda module, inputs, output: slices.append(len(inputs[0])))
     with torch.inference_mode():
         expected = plain(x)
         with _bf16(), mock.patch.object(F, 'silu', side_effect=AssertionError('separate SiLU pass')):
             out = sliced(x)
+    assert slices == [2, 2, 1]
     assert out.dtype == torch.bfloat16 and out.shape == expected.shape
     torch.testing.assert_close(out.float(), expected, rtol=0, atol=0.1 * expected.abs().max().item())
 

@@ -7,6 +7,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from ..models.runtime import cpu_emulates_bf16
+
 
 def _sync(device: torch.device) -> None:
     if device.type == 'cuda':
@@ -87,7 +89,7 @@ def describe_machine(device: torch.device) -> str:
     vector = 'AVX-512' if 'avx512f' in flags else 'AVX2' if 'avx2' in flags else 'no AVX2'
     extras = [f for f in ('avx512_bf16', 'amx_bf16') if f in flags]
     # without bf16 instructions, bf16 rows measure a software conversion, not the CPU's bf16 speed
-    bf16 = f' ({", ".join(extras)})' if extras else ', no bf16 instructions' if 'avx2' in flags else ''
+    bf16 = f' ({", ".join(extras)})' if extras else ', no bf16 instructions' if cpu_emulates_bf16() else ''
     return f'{name}, {os.cpu_count()} CPUs, {vector}{bf16}'
 
 

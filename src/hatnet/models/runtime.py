@@ -23,7 +23,7 @@ next step instead of returning it to the OS (the trainer and ``hatnet bench`` ca
 import copy
 import ctypes
 import platform
-from typing import Optional
+from functools import partial
 
 import torch
 from timm.layers import register_notrace_module
@@ -66,29 +66,28 @@ class SlicedInvertedResidual(InvertedResidual):
             return super().forward(x)
         if self.training or x.device.type != 'cpu' or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return super().forward(x)
-        low_precision = torch.get_autocast_dtype('cpu') if _cpu_autocast_on(x) else None
-        mlp = self._fused_forward if self._can_fuse(x, low_precision) else super().forward
-        value_bytes = x.element_size() if low_precision is None else torch.finfo(low_precision).bits // 8
-        n = images_per_slice(x, self.fc1.out_channels, value_bytes, self.slice_bytes)
+        autocast = _cpu_autocast_on(x)
+        dtype = torch.get_autocast_dtype('cpu') if autocast else x.dtype  # what the MLP computes in
+        fused = dtype == torch.bfloat16 if autocast else dtype == torch.float32  # the fused forms oneDNN has
+        mlp = partial(self._fused_forward, dtype=dtype) if fused and self._can_fuse() else super().forward
+        n = images_per_slice(x, self.fc1.out_channels, dtype.itemsize, self.slice_bytes)
         if n >= len(x):
             return mlp(x)
         return torch.cat([mlp(part) for part in x.split(n)])
 
-    def _can_fuse(self, x: torch.Tensor, low_precision: Optional[torch.dtype]) -> bool:
-        """float32, or bf16 autocast; grad mode off (the fused operator has no backward: autograd would drop
-        the input's gradient silently); no hooks on fc1 or conv_dw (their calls are skipped)."""
-        dtype_ok = low_precision == torch.bfloat16 or (low_precision is None and x.dtype == torch.float32)
+    def _can_fuse(self) -> bool:
+        """Grad mode off (the fused operator has no backward: autograd would drop the input's gradient silently)
+        and no hooks on fc1 or conv_dw (their calls are skipped)."""
         hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (self.fc1, self.conv_dw))
-        return _HAS_FUSED_CONV and dtype_ok and not torch.is_grad_enabled() and not hooked
+        return _HAS_FUSED_CONV and not torch.is_grad_enabled() and not hooked
 
-    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _fused_forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The MLP with both SiLUs fused into the convolutions before them (float32, or bf16 under autocast).
 
         A separate SiLU is one more pass over the 4-8x expanded hidden map, twice per MLP, and PyTorch's bf16
         SiLU is compute-bound (slower than float32's); oneDNN applies it to each output block of the
         convolution while that block is in registers. Eval mode only (the dropouts are identities).
         """
-        dtype = torch.bfloat16 if _cpu_autocast_on(x) else x.dtype
         hidden = _conv_silu(self.norm(x).to(dtype), self.fc1.weight.to(dtype), 0, 1)
         dw = self.conv_dw
         hidden = _conv_silu(hidden, dw.weight.to(dtype), dw.kernel_size[0] // 2, dw.groups)
