@@ -1,5 +1,9 @@
 """HAT-Net under CPU bf16 autocast and in training: the fast forms (bf16 norms, attention as matrix products,
 out-of-place SiLU under autograd, SiLU fused into the MLP's convolutions) keep the values and really run."""
+import os
+import platform
+import subprocess
+import sys
 from unittest import mock
 
 import pytest
@@ -9,7 +13,7 @@ import torch.nn.functional as F
 
 from hatnet.models import optimize_for_cpu
 from hatnet.models.hat_net import GroupNorm1, InvertedResidual, SiLU, _attention
-from hatnet.models.runtime import _HAS_FUSED_CONV, SlicedInvertedResidual
+from hatnet.models.runtime import _HAS_FUSED_BF16_CONV, SlicedInvertedResidual
 from hatnet.reference import reference_model
 
 
@@ -94,7 +98,7 @@ def test_model_uses_the_autograd_aware_silu():
     assert all(type(m) is SiLU for m in model.modules() if isinstance(m, torch.nn.SiLU))
 
 
-@pytest.mark.skipif(not _HAS_FUSED_CONV, reason="this PyTorch build has no oneDNN fused convolution")
+@pytest.mark.skipif(not _HAS_FUSED_BF16_CONV, reason="no oneDNN fused bf16 convolution on this build or CPU")
 def test_sliced_bf16_mlp_fuses_silu_and_matches_the_plain_mlp():
     torch.manual_seed(0)
     plain = InvertedResidual(48, 384).eval()
@@ -111,6 +115,36 @@ def test_sliced_bf16_mlp_fuses_silu_and_matches_the_plain_mlp():
     assert slices == [2, 2, 1]
     assert out.dtype == torch.bfloat16 and out.shape == expected.shape
     torch.testing.assert_close(out.float(), expected, rtol=0, atol=0.1 * expected.abs().max().item())
+
+
+_AVX2_ONLY_CHECK = """
+import torch
+from hatnet.models import optimize_for_cpu
+from hatnet.models.hat_net import InvertedResidual
+print(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+torch.manual_seed(0)
+mlp = InvertedResidual(48, 384).eval()
+x = torch.randn(3, 48, 20, 24).contiguous(memory_format=torch.channels_last)
+with torch.inference_mode():
+    expected = mlp(x)
+    optimize_for_cpu(mlp)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = mlp(x)
+print(out.dtype, ((out.float() - expected).abs().max() / expected.abs().max()).item())
+"""
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ('x86_64', 'amd64'), reason='an x86 instruction set cap')
+def test_bf16_inference_form_runs_on_cpus_without_onednn_bf16():
+    """An x86 CPU with AVX2 only: oneDNN refuses bf16 convolutions there, so the sliced MLP must not call its
+    fused bf16 form. Such a CPU is emulated by capping oneDNN's instruction set in a fresh process."""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA='AVX2')
+    result = subprocess.run([sys.executable, '-c', _AVX2_ONLY_CHECK], env=env, capture_output=True, text=True,
+                            check=False)  # the stderr goes into the assertion message
+    assert result.returncode == 0, result.stderr[-1500:]
+    supported, dtype, error = result.stdout.split()
+    assert supported == 'False'  # the cap took effect: oneDNN has no bf16 convolution in that process
+    assert dtype == 'torch.bfloat16' and float(error) < 0.1
 
 
 def test_bf16_logits_of_tiny_stay_close_to_float32():

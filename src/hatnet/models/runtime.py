@@ -4,11 +4,11 @@ Each block's MLP (``InvertedResidual``) expands the map 4-8x (hat_net_tiny's fir
 floats, 4.6 MiB per image) and passes over that hidden map four times (expand, SiLU, depth-wise, SiLU).
 Run on slices of the batch whose hidden map is at most ``SLICE_BYTES``, those passes hit the cache instead
 of memory: hat_net_tiny and small at batch 16, 224 x 224 gained about 1.4x in throughput on an AMD Zen 4
-(32 MiB L3), and neither gain nor loss on an Intel Ice Lake (48 MiB L3). Every operation of the MLP is per
-image, so the output is the whole batch's. With grad mode off, in float32 and under CPU bf16 autocast, the
-two SiLUs also run inside the convolutions before them (oneDNN's fused epilogue), which saves two passes
-over the hidden map; PyTorch's separate bf16 SiLU pass is also compute-bound (~10 % of hat_net_tiny's bf16
-inference).
+(32 MiB L3), and neither gain nor loss on an Intel Ice Lake (48 MiB L3) or an AMD Zen 5 (32 MiB L3). Every
+operation of the MLP is per image, so the output is the whole batch's. With grad mode off, in float32 and
+under CPU bf16 autocast, the two SiLUs also run inside the convolutions before them (oneDNN's fused
+epilogue), which saves two passes over the hidden map; PyTorch's separate bf16 SiLU pass is also
+compute-bound (~10 % of hat_net_tiny's bf16 inference).
 
 ``optimize_for_cpu(model)`` switches a model to this form in place. It is always safe to apply: the sliced
 MLP runs the whole batch in training, on other devices, and under torch.compile and tracing (their graphs
@@ -34,7 +34,8 @@ from .hat_net import InvertedResidual, _cpu_autocast_on
 __all__ = ['SLICE_BYTES', 'SlicedInvertedResidual', 'cpu_emulates_bf16', 'images_per_slice', 'keep_freed_memory',
            'optimize_for_cpu']
 
-SLICE_BYTES = 16 << 20  # best budget on an AMD Zen 4; on an Intel Ice Lake any budget is the same (docs/performance.md)
+# best budget on an AMD Zen 4; on an Intel Ice Lake and an AMD Zen 5 any budget is the same (docs/performance.md)
+SLICE_BYTES = 16 << 20
 
 
 def images_per_slice(x: torch.Tensor, hidden_channels: int, value_bytes: int, slice_bytes: int) -> int:
@@ -44,6 +45,8 @@ def images_per_slice(x: torch.Tensor, hidden_channels: int, value_bytes: int, sl
 
 # oneDNN convolution with a fused element-wise epilogue (what inductor's CPU backend calls)
 _HAS_FUSED_CONV = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_convolution_pointwise')
+# its bf16 form needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT on x86: an AVX2-only CPU refuses it with an error
+_HAS_FUSED_BF16_CONV = _HAS_FUSED_CONV and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _conv_silu(x: torch.Tensor, weight: torch.Tensor, padding: int, groups: int) -> torch.Tensor:
@@ -68,7 +71,8 @@ class SlicedInvertedResidual(InvertedResidual):
             return super().forward(x)
         autocast = _cpu_autocast_on(x)
         dtype = torch.get_autocast_dtype('cpu') if autocast else x.dtype  # what the MLP computes in
-        fused = dtype == torch.bfloat16 if autocast else dtype == torch.float32  # the fused forms oneDNN has
+        # the fused forms oneDNN has on this CPU
+        fused = (dtype == torch.bfloat16 and _HAS_FUSED_BF16_CONV) if autocast else dtype == torch.float32
         mlp = partial(self._fused_forward, dtype=dtype) if fused and self._can_fuse() else super().forward
         n = images_per_slice(x, self.fc1.out_channels, dtype.itemsize, self.slice_bytes)
         if n >= len(x):
