@@ -1,6 +1,9 @@
 """hatnet bench: interleaved measurements, ratios, skip rules, outputs, and the runtimes it drives."""
 import csv
 import math
+import os
+import subprocess
+import sys
 import time
 from unittest import mock
 
@@ -42,7 +45,8 @@ def test_global_ablation_is_plain_attention_everywhere():
         build_model('resnet50-global')
 
 
-def test_run_bench_rows_and_ratios():
+def test_run_bench_rows_and_ratios(monkeypatch):
+    monkeypatch.delenv('ONEDNN_PRIMITIVE_CACHE_CAPACITY', raising=False)
     config = BenchConfig(models=['hat_net_tiny', 'hat_net_tiny-global'], resolutions=[(96, 128), (64, 64)],
                          settings=CPU, batch_size=2, rounds=2, baseline='hat_net_tiny-global')
     rows = run_bench(config)
@@ -56,6 +60,37 @@ def test_run_bench_rows_and_ratios():
     assert rows[0].batch == round(2 * 224 * 224 / (64 * 64))
     # the MACs of global attention grow faster with the input size than those of H-MHSA
     assert rows[3].gmacs / rows[1].gmacs > rows[2].gmacs / rows[0].gmacs
+    assert int(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY']) > 1024  # for a process that starts with the bench
+
+
+_KERNEL_CYCLE = """
+import sys, torch, torch.nn.functional as F
+from hatnet.models.runtime import keep_compiled_kernels
+if sys.argv[1] == 'keep':
+    keep_compiled_kernels()
+x = torch.randn(16, 8, 4, 4).contiguous(memory_format=torch.channels_last)  # (PyTorch calls oneDNN from batch 16)
+# 1 200 distinct oneDNN kernels: each convolution's own and the reorder of its weights
+weights = [torch.randn(channels, 8, 1, 1) for channels in range(1, 601)]
+for _ in range(3):  # as a bench's rounds: every kernel once per round
+    for weight in weights:
+        F.conv2d(x, weight)
+"""
+
+
+def _kernels_compiled(mode: str) -> int:
+    env = dict(os.environ, ONEDNN_VERBOSE='profile_create')
+    env.pop('ONEDNN_PRIMITIVE_CACHE_CAPACITY', None)
+    result = subprocess.run([sys.executable, '-c', _KERNEL_CYCLE, mode], env=env, capture_output=True, text=True,
+                            check=True)
+    return result.stdout.count('create:cache_miss')
+
+
+def test_kernels_of_many_models_stay_compiled_across_rounds():
+    """oneDNN's default cache holds 1 024 kernels: cycling through more recompiles every one of them in every
+    round; with ``keep_compiled_kernels`` (which ``run_bench`` calls) each is compiled once."""
+    kept, default = _kernels_compiled('keep'), _kernels_compiled('default')
+    assert kept >= 1200  # oneDNN really ran (and logged) the convolutions
+    assert default > 2.5 * kept
 
 
 def test_too_slow_models_are_skipped_at_larger_sizes():

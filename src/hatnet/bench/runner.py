@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..errors import HatNetError
+from ..models.runtime import keep_compiled_kernels
 from .measure import peak_memory_mb, timed
 from .runtimes import RunSettings, make_runner
 
@@ -213,6 +214,8 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda mess
 
     for spec in config.models:  # every name, before anything is measured
         timm_name(spec)
+    # the rows' kernels together outgrow oneDNN's default cache: without this, every round would recompile them
+    keep_compiled_kernels()
     settings = config.settings
     if settings.threads:
         torch.set_num_threads(settings.threads)

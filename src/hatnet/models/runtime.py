@@ -18,10 +18,12 @@ export writes the same slicing as a loop over the batch with its own budget (``h
 using the same ``images_per_slice`` rule.
 
 ``keep_freed_memory()`` is the process-wide part: glibc keeps the memory of freed large activations for the
-next step instead of returning it to the OS (the trainer and ``hatnet bench`` call it on CPU).
+next step instead of returning it to the OS (the trainer and ``hatnet bench`` call it on CPU), and
+``keep_compiled_kernels()`` lets oneDNN keep the compiled kernels of many models at once (``hatnet bench``).
 """
 import copy
 import ctypes
+import os
 import platform
 from functools import partial
 
@@ -31,8 +33,8 @@ from torch import nn
 
 from .hat_net import InvertedResidual, _cpu_autocast_on
 
-__all__ = ['SLICE_BYTES', 'SlicedInvertedResidual', 'cpu_emulates_bf16', 'images_per_slice', 'keep_freed_memory',
-           'optimize_for_cpu']
+__all__ = ['SLICE_BYTES', 'SlicedInvertedResidual', 'cpu_emulates_bf16', 'images_per_slice', 'keep_compiled_kernels',
+           'keep_freed_memory', 'optimize_for_cpu']
 
 # best budget on an AMD Zen 4; on an Intel Ice Lake and an AMD Zen 5 any budget is the same (docs/performance.md)
 SLICE_BYTES = 16 << 20
@@ -137,6 +139,19 @@ def keep_freed_memory() -> bool:
     # glibc) is the way to say "never"; ctypes cuts larger Python ints silently (2**62 would arrive as 0, which
     # trims on every free)
     return bool(libc.mallopt(m_mmap_threshold, 2 ** 30) and libc.mallopt(m_trim_threshold, -1))
+
+
+def keep_compiled_kernels(capacity: int = 8192) -> None:
+    """Let oneDNN keep up to ``capacity`` compiled kernels (primitives) instead of its default 1 024 (process-wide).
+
+    One model needs far fewer, but a process that runs many in turn does not: ``hatnet bench`` times up to
+    20 model x dtype x mode rows in interleaved rounds, and past 1 024 oneDNN evicts the least recently used
+    kernels and compiles them again on their next call (885 kernels in every round of the six-setting command
+    of docs/performance.md), which the bench would time as the models' speed. oneDNN reads the setting
+    (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``) when it creates its first kernel, so this works only before any
+    convolution has run in the process; a value already in the environment is kept.
+    """
+    os.environ.setdefault('ONEDNN_PRIMITIVE_CACHE_CAPACITY', str(capacity))
 
 
 def cpu_emulates_bf16() -> bool:
