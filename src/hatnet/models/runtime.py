@@ -146,9 +146,9 @@ def keep_compiled_kernels(capacity: int = 8192) -> None:
 
     One model at one input size needs fewer (hat_net_tiny: 427 for fp32 and bf16 training and inference), but
     a process that runs many in turn does not: ``hatnet bench`` times up to 20 model x dtype x mode rows in
-    interleaved rounds, and past 1 024 oneDNN evicts the least recently used
-    kernels and compiles them again on their next call (885 kernels in every round of the six-setting command
-    of docs/performance.md), which the bench would time as the models' speed. oneDNN reads the setting
+    interleaved rounds, and past 1 024 oneDNN evicts the least recently used kernels and compiles them again
+    on their next call (885 kernels in every round of the six-setting command of docs/performance.md), which
+    the bench would time as the models' speed. oneDNN reads the setting
     (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``) when it creates its first kernel, so this works only before any
     convolution has run in the process; a value already in the environment is kept.
     """
