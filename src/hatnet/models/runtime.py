@@ -73,19 +73,19 @@ class SlicedInvertedResidual(InvertedResidual):
             return super().forward(x)
         autocast = _cpu_autocast_on(x)
         dtype = torch.get_autocast_dtype('cpu') if autocast else x.dtype  # what the MLP computes in
-        # the fused forms oneDNN has on this CPU
-        fused = (dtype == torch.bfloat16 and _HAS_FUSED_BF16_CONV) if autocast else dtype == torch.float32
-        mlp = partial(self._fused_forward, dtype=dtype) if fused and self._can_fuse() else super().forward
+        mlp = partial(self._fused_forward, dtype=dtype) if self._can_fuse(dtype, autocast) else super().forward
         n = images_per_slice(x, self.fc1.out_channels, dtype.itemsize, self.slice_bytes)
         if n >= len(x):
             return mlp(x)
         return torch.cat([mlp(part) for part in x.split(n)])
 
-    def _can_fuse(self) -> bool:
-        """Grad mode off (the fused operator has no backward: autograd would drop the input's gradient silently)
-        and no hooks on fc1 or conv_dw (their calls are skipped)."""
+    def _can_fuse(self, dtype: torch.dtype, autocast: bool) -> bool:
+        """A fused form oneDNN has on this CPU (float32, or bf16 under autocast where it has bf16 convolutions);
+        grad mode off (the fused operator has no backward: autograd would drop the input's gradient silently);
+        no hooks on fc1 or conv_dw (their calls are skipped)."""
+        dtype_ok = (dtype == torch.bfloat16 and _HAS_FUSED_BF16_CONV) if autocast else dtype == torch.float32
         hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (self.fc1, self.conv_dw))
-        return _HAS_FUSED_CONV and not torch.is_grad_enabled() and not hooked
+        return _HAS_FUSED_CONV and dtype_ok and not torch.is_grad_enabled() and not hooked
 
     def _fused_forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The MLP with both SiLUs fused into the convolutions before them (float32, or bf16 under autocast).
