@@ -2,7 +2,6 @@
 import csv
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from hatnet.bench.measure import describe_machine
 from hatnet.bench.runner import batch_for
 from hatnet.cli import app, main
 from hatnet.errors import HatNetError
+from hatnet.models.runtime import IS_X86
 from hatnet.reference import reference_model
 
 CPU = RunSettings(torch.device('cpu'), threads=1)
@@ -86,7 +86,7 @@ def _kernels_compiled(mode: str) -> int:
     return result.stdout.count('create:cache_miss')
 
 
-@pytest.mark.skipif(platform.machine().lower() not in ('x86_64', 'amd64'), reason="counts x86 oneDNN's kernels")
+@pytest.mark.skipif(not IS_X86, reason="counts x86 oneDNN's kernels")
 def test_kernels_of_many_models_stay_compiled_across_rounds():
     """oneDNN's default cache holds 1 024 kernels: cycling through more recompiles every one of them in every
     round; with ``keep_compiled_kernels`` (which ``run_bench`` calls) each is compiled once."""

@@ -1,7 +1,6 @@
 """HAT-Net under CPU bf16 autocast and in training: the fast forms (bf16 norms, attention as matrix products,
 out-of-place SiLU under autograd, SiLU fused into the MLP's convolutions) keep the values and really run."""
 import os
-import platform
 import subprocess
 import sys
 from unittest import mock
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 
 from hatnet.models import optimize_for_cpu
 from hatnet.models.hat_net import GroupNorm1, InvertedResidual, SiLU, _attention
-from hatnet.models.runtime import _HAS_FUSED_BF16_CONV, SlicedInvertedResidual
+from hatnet.models.runtime import _HAS_FUSED_BF16_CONV, IS_X86, SlicedInvertedResidual
 from hatnet.reference import reference_model
 
 
@@ -134,7 +133,7 @@ print(out.dtype, ((out.float() - expected).abs().max() / expected.abs().max()).i
 """
 
 
-@pytest.mark.skipif(platform.machine().lower() not in ('x86_64', 'amd64'), reason='an x86 instruction set cap')
+@pytest.mark.skipif(not IS_X86, reason='an x86 instruction set cap')
 def test_bf16_inference_form_runs_on_cpus_without_onednn_bf16():
     """An x86 CPU with AVX2 only: oneDNN refuses bf16 convolutions there, so the sliced MLP must not call its
     fused bf16 form. Such a CPU is emulated by capping oneDNN's instruction set in a fresh process."""

@@ -33,11 +33,12 @@ from torch import nn
 
 from .hat_net import InvertedResidual, _cpu_autocast_on
 
-__all__ = ['SLICE_BYTES', 'SlicedInvertedResidual', 'cpu_emulates_bf16', 'images_per_slice', 'keep_compiled_kernels',
-           'keep_freed_memory', 'optimize_for_cpu']
+__all__ = ['IS_X86', 'SLICE_BYTES', 'SlicedInvertedResidual', 'cpu_emulates_bf16', 'images_per_slice',
+           'keep_compiled_kernels', 'keep_freed_memory', 'optimize_for_cpu']
 
 # best budget on an AMD Zen 4; on an Intel Ice Lake and an AMD Zen 5 any budget is the same (docs/performance.md)
 SLICE_BYTES = 16 << 20
+IS_X86 = platform.machine().lower() in ('x86_64', 'amd64')
 
 
 def images_per_slice(x: torch.Tensor, hidden_channels: int, value_bytes: int, slice_bytes: int) -> int:
@@ -158,6 +159,6 @@ def keep_compiled_kernels(capacity: int = 8192) -> None:
 def cpu_emulates_bf16() -> bool:
     """This x86 CPU has no bf16 instructions (AVX-512-BF16, AMX): bf16 autocast converts in software there and
     runs slower than float32 (HAT-Net-Tiny's training step 1.7x slower on an Intel Ice Lake; docs/performance.md)."""
-    if platform.machine().lower() not in ('x86_64', 'amd64'):
+    if not IS_X86:
         return False  # other architectures: no such check here
     return not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
