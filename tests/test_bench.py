@@ -146,7 +146,7 @@ def test_onnxruntime_is_fp32_cpu_only():
 def test_bench_cli_writes_csv_plots_and_table(tmp_path):
     result = CliRunner().invoke(app, [
         'bench', '--models', 'hat_net_tiny,hat_net_tiny-global', '--resolutions', '64,64x96', '--batch-size', '1',
-        '--rounds', '1', '--no-latency', '--threads', '1', '--out', str(tmp_path)])
+        '--no-scale-batch', '--rounds', '1', '--no-latency', '--threads', '1', '--out', str(tmp_path)])
     assert result.exit_code == 0, result.output
     with open(tmp_path / 'bench.csv') as f:
         rows = list(csv.DictReader(f))
@@ -207,8 +207,8 @@ def test_channels_last_is_applied_to_every_model():
 
 def test_run_bench_every_dtype_and_mode_with_ratios_per_setting():
     config = BenchConfig(models=['hat_net_tiny', 'resnet18'], resolutions=[(64, 64)], runtimes=['eager'],
-                         settings=CPU, dtypes=['fp32', 'bf16'], modes=['infer', 'train'], batch_size=2, rounds=1,
-                         baseline='resnet18')
+                         settings=CPU, dtypes=['fp32', 'bf16'], modes=['infer', 'train'], batch_size=2,
+                         scale_batch=False, rounds=1, baseline='resnet18')
     rows = run_bench(config)
     assert [r.label for r in rows] == [
         'hat_net_tiny', 'resnet18', 'hat_net_tiny (bf16)', 'resnet18 (bf16)',
@@ -231,8 +231,9 @@ def test_onnxruntime_rows_only_for_fp32_inference(tmp_path):
 
 def test_bench_cli_train_mode_and_compare_table(tmp_path):
     result = CliRunner().invoke(app, [
-        'bench', '--models', 'hat_net_tiny,resnet18', '--resolutions', '64', '--batch-size', '1', '--rounds', '1',
-        '--mode', 'infer,train', '--compare', 'hat_net_tiny/resnet18', '--threads', '1', '--out', str(tmp_path)])
+        'bench', '--models', 'hat_net_tiny,resnet18', '--resolutions', '64', '--batch-size', '1',
+        '--no-scale-batch', '--rounds', '1', '--mode', 'infer,train', '--compare', 'hat_net_tiny/resnet18',
+        '--threads', '1', '--out', str(tmp_path)])
     assert result.exit_code == 0, result.output
     with open(tmp_path / 'bench.csv') as f:
         rows = list(csv.DictReader(f))
