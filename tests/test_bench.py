@@ -243,6 +243,16 @@ def test_bench_cli_train_mode_and_compare_table(tmp_path):
     assert 'hat_net_tiny / resnet18' in result.output and 'eager, fp32, train' in result.output
 
 
+@pytest.mark.parametrize('emulated', [True, False])
+def test_bench_cli_says_when_bf16_rows_run_in_software(tmp_path, monkeypatch, emulated):
+    monkeypatch.setattr('hatnet.models.runtime.cpu_emulates_bf16', lambda: emulated)
+    result = CliRunner().invoke(app, [
+        'bench', '--models', 'hat_net_tiny', '--resolutions', '64', '--batch-size', '1', '--rounds', '1',
+        '--dtype', 'bf16', '--no-latency', '--threads', '1', '--out', str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert ('no bf16 instructions (AVX-512-BF16, AMX): bf16 autocast runs in software' in result.output) == emulated
+
+
 @pytest.mark.parametrize('flags, expected', [
     ('fpu avx2 avx512f avx512_vnni', 'AVX-512, no bf16 instructions'),
     ('fpu avx2 avx512f avx512_bf16', 'AVX-512 (avx512_bf16)'),

@@ -65,6 +65,7 @@ def bench(
     from ..bench import (DEFAULT_MODELS, DTYPES, MODES, RUNTIMES, BenchConfig, RunSettings, compare_table,
                          describe_machine, keep_freed_memory, load_average, parse_pair, parse_resolution, plot,
                          run_bench, table, timm_name, write_csv)
+    from ..models.runtime import EMULATED_BF16_NOTE, cpu_emulates_bf16
 
     runtimes = comma_list(runtime)
     for name in runtimes:
@@ -102,6 +103,8 @@ def bench(
     console = output_console()
     if not console.is_terminal:
         console = output_console(width=200)  # a log file gets the whole table
+    if 'bf16' in dtypes and settings.device.type == 'cpu' and cpu_emulates_bf16():
+        console.print(f'note: {EMULATED_BF16_NOTE}; its bf16 rows take that much longer to run', highlight=False)
     load_before = load_average()
     if console.is_terminal:
         with console.status('benchmarking') as status:

@@ -48,7 +48,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..fileio import append_text, load_file, save_atomic, write_text_atomic
 from ..errors import CheckpointError, DatasetError, HatNetError
-from ..models.runtime import cpu_emulates_bf16, keep_freed_memory
+from ..models.runtime import EMULATED_BF16_NOTE, cpu_emulates_bf16, keep_freed_memory
 from . import distributed as dist
 from .checkpoint import BEST, FORMAT, LAST, capture_rng_state, load_weights, restore_rng_state
 from .fitting import Choice
@@ -277,8 +277,7 @@ class Trainer:
         for choice in self.choices:
             self._print(f'  auto recipe: {choice.key} = {choice.value}  ({choice.why})')
         if self.cfg.amp == 'bf16' and self.device.type == 'cpu' and cpu_emulates_bf16():
-            self._print('  note: this CPU has no bf16 instructions (AVX-512-BF16, AMX): --amp bf16 runs slower '
-                        'than float32 here (--amp none is faster)')
+            self._print(f'  note: {EMULATED_BF16_NOTE}; --amp none is faster')
         try:
             self._train_to_the_end()
         except DatasetError as e:

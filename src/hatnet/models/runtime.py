@@ -33,7 +33,7 @@ from torch import nn
 
 from .hat_net import InvertedResidual, _cpu_autocast_on
 
-__all__ = ['IS_X86', 'SLICE_BYTES', 'SlicedInvertedResidual', 'cpu_emulates_bf16', 'images_per_slice',
+__all__ = ['EMULATED_BF16_NOTE', 'IS_X86', 'SLICE_BYTES', 'SlicedInvertedResidual', 'cpu_emulates_bf16', 'images_per_slice',
            'keep_compiled_kernels', 'keep_freed_memory', 'optimize_for_cpu']
 
 # best budget on an AMD Zen 4; on an Intel Ice Lake and an AMD Zen 5 any budget is the same (docs/performance.md)
@@ -156,9 +156,15 @@ def keep_compiled_kernels(capacity: int = 8192) -> None:
     os.environ.setdefault('ONEDNN_PRIMITIVE_CACHE_CAPACITY', str(capacity))
 
 
+# what the trainer and the bench tell a user who asks for bf16 on such a CPU
+EMULATED_BF16_NOTE = ('this CPU has no bf16 instructions (AVX-512-BF16, AMX): bf16 autocast runs in software there, '
+                      'slower than float32 for every model (2-3x with AVX-512, 11-24x with AVX2 only; docs/performance.md)')
+
+
 def cpu_emulates_bf16() -> bool:
     """This x86 CPU has no bf16 instructions (AVX-512-BF16, AMX): bf16 autocast converts in software there and
-    runs slower than float32 (HAT-Net-Tiny's training step 1.7x slower on an Intel Ice Lake; docs/performance.md)."""
+    runs slower than float32 (HAT-Net-Tiny's training step 1.7x slower on an Intel Ice Lake, 12x on an AVX2-only
+    AMD Zen 3, where oneDNN has no bf16 kernels at all; docs/performance.md)."""
     if not IS_X86:
         return False  # other architectures: no such check here
     return not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
