@@ -95,8 +95,9 @@ def bench(
     check_outputs(outputs, overwrite)
     config = BenchConfig(
         models=model_names, resolutions=[parse_resolution(r) for r in comma_list(resolutions)], runtimes=runtimes,
-        settings=settings, dtypes=dtypes, modes=modes, features=features, batch_size=batch_size, scale_batch=scale_batch, rounds=rounds, warmup=warmup,
-        latency=latency, max_forward_seconds=max_seconds, baseline=baseline)
+        settings=settings, dtypes=dtypes, modes=modes, features=features, batch_size=batch_size,
+        scale_batch=scale_batch, rounds=rounds, warmup=warmup, latency=latency, max_forward_seconds=max_seconds,
+        baseline=baseline)
 
     if keep_memory and not keep_freed_memory():
         raise HatNetError('--keep-memory needs glibc (Linux)')

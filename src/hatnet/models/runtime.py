@@ -33,8 +33,8 @@ from torch import nn
 
 from .hat_net import InvertedResidual, _cpu_autocast_on
 
-__all__ = ['EMULATED_BF16_NOTE', 'IS_X86', 'SLICE_BYTES', 'SlicedInvertedResidual', 'cpu_emulates_bf16', 'images_per_slice',
-           'keep_compiled_kernels', 'keep_freed_memory', 'optimize_for_cpu']
+__all__ = ['EMULATED_BF16_NOTE', 'IS_X86', 'SLICE_BYTES', 'SlicedInvertedResidual', 'cpu_emulates_bf16',
+           'images_per_slice', 'keep_compiled_kernels', 'keep_freed_memory', 'optimize_for_cpu']
 
 # best budget on an AMD Zen 4; on an Intel Ice Lake and an AMD Zen 5 any budget is the same (docs/performance.md)
 SLICE_BYTES = 16 << 20
@@ -158,7 +158,8 @@ def keep_compiled_kernels(capacity: int = 8192) -> None:
 
 # what the trainer and the bench tell a user who asks for bf16 on such a CPU
 EMULATED_BF16_NOTE = ('this CPU has no bf16 instructions (AVX-512-BF16, AMX): bf16 autocast runs in software there, '
-                      'slower than float32 for every model (2-3x with AVX-512, 11-24x with AVX2 only; docs/performance.md)')
+                      'slower than float32 for every model (2-3x with AVX-512, 11-24x with AVX2 only; '
+                      'docs/performance.md)')
 
 
 def cpu_emulates_bf16() -> bool:
