@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,13 @@ import torch
 import hatnet  # noqa: F401  (registers the hat_net models in timm)
 
 DATA = Path(__file__).parent / 'data'
+
+
+def pytest_configure(config):
+    # pytest-xdist workers run side by side: each takes its share of the cores instead of all of them
+    workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+    if workers > 1:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
 
 
 @pytest.fixture(autouse=True)

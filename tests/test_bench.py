@@ -49,7 +49,7 @@ def test_global_ablation_is_plain_attention_everywhere():
 def test_run_bench_rows_and_ratios(monkeypatch):
     monkeypatch.delenv('ONEDNN_PRIMITIVE_CACHE_CAPACITY', raising=False)
     config = BenchConfig(models=['hat_net_tiny', 'hat_net_tiny-global'], resolutions=[(96, 128), (64, 64)],
-                         settings=CPU, batch_size=2, rounds=2, baseline='hat_net_tiny-global')
+                         settings=CPU, batch_size=1, rounds=2, baseline='hat_net_tiny-global')
     rows = run_bench(config)
     assert [(r.model, r.height) for r in rows] == [
         ('hat_net_tiny', 64), ('hat_net_tiny-global', 64), ('hat_net_tiny', 96), ('hat_net_tiny-global', 96)]
@@ -58,7 +58,7 @@ def test_run_bench_rows_and_ratios(monkeypatch):
         assert row.img_per_s > 0 and row.latency_ms > 0 and row.peak_memory_mb > 0 and row.gmacs > 0
         assert row.ratio == pytest.approx(row.img_per_s / next(
             r.img_per_s for r in rows if r.model == 'hat_net_tiny-global' and r.height == row.height))
-    assert rows[0].batch == round(2 * 224 * 224 / (64 * 64))
+    assert rows[0].batch == round(224 * 224 / (64 * 64)) and rows[2].batch == round(224 * 224 / (96 * 128))
     # the MACs of global attention grow faster with the input size than those of H-MHSA
     assert rows[3].gmacs / rows[1].gmacs > rows[2].gmacs / rows[0].gmacs
     assert int(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY']) > 1024  # for a process that starts with the bench
@@ -206,7 +206,7 @@ def test_channels_last_is_applied_to_every_model():
 
 
 def test_run_bench_every_dtype_and_mode_with_ratios_per_setting():
-    config = BenchConfig(models=['hat_net_tiny', 'resnet18'], resolutions=[(64, 64)], runtimes=['eager'],
+    config = BenchConfig(models=['hat_net_tiny', 'resnet18'], resolutions=[(32, 32)], runtimes=['eager'],
                          settings=CPU, dtypes=['fp32', 'bf16'], modes=['infer', 'train'], batch_size=2,
                          scale_batch=False, rounds=1, baseline='resnet18')
     rows = run_bench(config)
@@ -247,8 +247,8 @@ def test_bench_cli_train_mode_and_compare_table(tmp_path):
 def test_bench_cli_says_when_bf16_rows_run_in_software(tmp_path, monkeypatch, emulated):
     monkeypatch.setattr('hatnet.models.runtime.cpu_emulates_bf16', lambda: emulated)
     result = CliRunner().invoke(app, [
-        'bench', '--models', 'hat_net_tiny', '--resolutions', '64', '--batch-size', '1', '--rounds', '1',
-        '--dtype', 'bf16', '--no-latency', '--threads', '1', '--out', str(tmp_path)])
+        'bench', '--models', 'hat_net_tiny', '--resolutions', '64', '--batch-size', '1', '--no-scale-batch',
+        '--rounds', '1', '--dtype', 'bf16', '--no-latency', '--threads', '1', '--out', str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert ('no bf16 instructions (AVX-512-BF16, AMX): bf16 autocast runs in software' in result.output) == emulated
 
