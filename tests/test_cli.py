@@ -123,7 +123,7 @@ def test_generated_options_follow_the_fields():
     assert 'Side.' in help_text and 'shape' in help_text and '--no-flip' in help_text
 
 
-HEAVY = ('sklearn', 'fvcore', 'onnx', 'onnxruntime', 'pycocotools', 'faster_coco_eval', 'matplotlib')
+HEAVY = ('sklearn', 'onnx', 'onnxruntime', 'pycocotools', 'faster_coco_eval', 'matplotlib')
 
 
 def test_the_backbone_imports_no_task_tools():

@@ -15,7 +15,6 @@ EXTRA_OF = {
     'matplotlib': 'train', 'sklearn': 'train', 'torchmetrics': 'train',
     'pycocotools': 'det', 'faster_coco_eval': 'det',
     'onnx': 'export', 'onnxruntime': 'export',
-    'fvcore': 'bench',
     'fastapi': 'serve', 'uvicorn': 'serve', 'python_multipart': 'serve',
     'av': 'video',
 }

@@ -279,7 +279,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda mess
                 if key not in macs_cache:
                     try:
                         macs_cache[key] = count_macs(model, (3, *size))['total'] / 1e9
-                    except Exception:  # fvcore cannot trace every timm model; the column then stays empty
+                    except Exception:  # a forward that cannot run on meta tensors: the column stays empty
                         macs_cache[key] = math.nan
                 row.gmacs = macs_cache[key]
                 measured.append((cand, run, row, [], []))

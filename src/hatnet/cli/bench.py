@@ -59,7 +59,7 @@ def bench(
         overwrite: bool = typer.Option(False, help='Replace those files in --out if they exist.'),
 ):
     """Throughput, batch-1 latency, peak memory and GMACs of HAT-Net and timm peers, measured side by side."""
-    require('fvcore', 'matplotlib', *(('onnxruntime', 'onnx') if 'onnxruntime' in runtime else ()))
+    require('matplotlib', *(('onnxruntime', 'onnx') if 'onnxruntime' in runtime else ()))
     import torch
 
     from ..bench import (DEFAULT_MODELS, DTYPES, MODES, RUNTIMES, BenchConfig, RunSettings, compare_table,
