@@ -63,3 +63,10 @@ def test_hat_net_counts_every_attention_product_and_not_its_cpu_form():
     assert plain['attention'] == attention
     optimize_for_cpu(model)  # its MLP runs fused convolution + SiLU calls on CPU
     assert count_macs(model.to(memory_format=torch.channels_last), (3, height, width)) == plain
+
+
+def test_counting_leaves_every_module_in_its_mode():
+    model = SmallNet().train()
+    model.batch_norm.eval()  # e.g. frozen statistics inside a model that trains
+    count_macs(model, (3, 6, 10))
+    assert model.training and model.conv.training and not model.batch_norm.training

@@ -64,13 +64,21 @@ def _is_attention(op_name: str) -> bool:
 
 
 def count_macs(model: torch.nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> Dict[str, float]:
-    """MACs of one forward pass on a single image, in the conventions above (units: MACs, not G)."""
-    model = model.eval()
+    """MACs of one forward pass on a single image, in the conventions above (units: MACs, not G).
+
+    Counted in eval mode (batch norm as in inference); every module's train / eval mode is restored after.
+    """
+    modes = [(module, module.training) for module in model.modules()]
     on_meta = {name: tensor.to('meta')
                for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers())}
     x = torch.zeros(1, *input_size, dtype=next(model.parameters()).dtype, device='meta')
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_FORMULAS) as counter:
-        torch.func.functional_call(model, on_meta, (x,))
+    try:
+        model.eval()
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_FORMULAS) as counter:
+            torch.func.functional_call(model, on_meta, (x,))
+    finally:
+        for module, training in modes:
+            module.training = training
     flops = {str(op).split('.')[-1]: n for op, n in counter.get_flop_counts()['Global'].items()}
     attention = sum(n for op, n in flops.items() if _is_attention(op)) / 2
     layers = sum(flops.values()) / 2 - attention
