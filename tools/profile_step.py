@@ -5,19 +5,54 @@ kept for the next step as the trainer keeps it. Classification at 224 x 224 (cro
 default; ``--features`` profiles the backbone as a dense-task feature extractor (a mean-square loss on its
 stride-8/16/32 maps), e.g. at the detection size 800 x 1344. Two untimed steps come first.
 
+``--timer ops`` times every ATen operator call with a clock around the call instead of torch.profiler (CPU
+only, where kernels run synchronously). Under the profiler a step can run slower than without it, and the
+extra time lands on a few memory-bound kernels (``silu_backward`` at 2-10 x its own time on 2-core AMD
+CPUs); the clock around each call leaves the step within a few percent of its unprofiled time.
+
     PYTHONPATH=src python tools/profile_step.py hat_net_tiny --size 800x1344 --batch-size 2 --features
     PYTHONPATH=src python tools/profile_step.py hat_net_small --dtype bf16 [--threads 2] [--rows 20]
+    PYTHONPATH=src python tools/profile_step.py pvt_v2_b1 --timer ops
 """
 import argparse
 import time
+from collections import Counter
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import hatnet.models  # noqa: F401  (registers the hat_net models with timm)
 from hatnet.models.runtime import keep_freed_memory
+
+
+class OperatorClock(TorchDispatchMode):
+    """Seconds and calls of every ATen operator, overall and per shape of its first tensor argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds, self.calls = Counter(), Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        elapsed = time.perf_counter() - start
+        shape = next((tuple(a.shape) for a in args if isinstance(a, torch.Tensor)), ())
+        for key in (func.overloadpacket.__name__, f'{func.overloadpacket.__name__} {shape}'):
+            self.seconds[key] += elapsed
+            self.calls[key] += 1
+        return out
+
+    def table(self, rows: int, per_shape: bool) -> str:
+        keys = [key for key in self.seconds if (' ' in key) == per_shape]
+        total = sum(self.seconds[key] for key in keys)
+        lines = [f'{"operator" + (" (first input shape)" if per_shape else ""):<60} {"ms":>9} {"share":>6} {"calls":>6}']
+        for key in sorted(keys, key=self.seconds.get, reverse=True)[:rows]:
+            lines.append(f'{key:<60} {1e3 * self.seconds[key]:9.1f} {self.seconds[key] / total:6.1%} '
+                         f'{self.calls[key]:6d}')
+        return '\n'.join(lines + [f'{"all operators":<60} {1e3 * total:9.1f}'])
 
 
 def main() -> None:
@@ -29,6 +64,8 @@ def main() -> None:
     parser.add_argument('--features', action='store_true', help='features_only: the stride-8/16/32 maps')
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--rows', type=int, default=15, help='operators per table')
+    parser.add_argument('--timer', choices=('profiler', 'ops'), default='profiler',
+                        help='torch.profiler, or a clock around every operator call (CPU)')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()
@@ -52,6 +89,14 @@ def main() -> None:
     step()
     print(f'{args.model}, {args.dtype}, batch {args.batch_size} at {height}x{width}, {args.threads} threads: '
           f'{time.perf_counter() - start:.2f} s per step (unprofiled)')
+    if args.timer == 'ops':
+        start = time.perf_counter()
+        with OperatorClock() as clock:
+            step()
+        print(f'{time.perf_counter() - start:.2f} s for the step timed operator by operator\n')
+        print(clock.table(args.rows, per_shape=False) + '\n')
+        print(clock.table(args.rows, per_shape=True))
+        return
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         step()
     print(prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=args.rows, max_name_column_width=45))

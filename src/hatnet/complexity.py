@@ -48,9 +48,6 @@ _FORMULAS = {
     aten.native_group_norm: _norm_flops(1),  # (input, weight, bias, ...)
     aten.native_layer_norm: _norm_flops(2),  # (input, normalized_shape, weight, bias, eps)
     aten._native_batch_norm_legit_no_training: _inference_batch_norm_flops,
-    # the per-channel affine of HAT-Net's GroupNorm1 (a group norm without affine, then addcmul): one MAC per
-    # element, as a group norm's own affine counts
-    aten.addcmul: _per_output_element(1),
     aten.mean: _per_input_element,  # global average pooling (adaptive pooling to 1 x 1 is a mean)
     aten._adaptive_avg_pool2d: _per_input_element,
     aten.upsample_nearest2d: _per_output_element(1),
