@@ -7,8 +7,9 @@ stride-8/16/32 maps), e.g. at the detection size 800 x 1344. Two untimed steps c
 
 ``--timer ops`` times every ATen operator call with a clock around the call instead of torch.profiler (CPU
 only, where kernels run synchronously). Under the profiler a step can run slower than without it, and the
-extra time lands on a few memory-bound kernels (``silu_backward`` at 2-10 x its own time on 2-core AMD
-CPUs); the clock around each call leaves the step within a few percent of its unprofiled time.
+extra time lands on a few memory-bound kernels (``silu_backward`` at several times its own time on 2-core
+AMD CPUs, docs/performance.md); the clock around each call leaves the step within a few percent of its
+unprofiled time.
 
     PYTHONPATH=src python tools/profile_step.py hat_net_tiny --size 800x1344 --batch-size 2 --features
     PYTHONPATH=src python tools/profile_step.py hat_net_small --dtype bf16 [--threads 2] [--rows 20]
@@ -29,29 +30,31 @@ from hatnet.models.runtime import keep_freed_memory
 
 
 class OperatorClock(TorchDispatchMode):
-    """Seconds and calls of every ATen operator, overall and per shape of its first tensor argument."""
+    """Seconds and calls of every ATen operator, by operator and by operator and shape of its first tensor."""
 
     def __init__(self):
         super().__init__()
-        self.seconds, self.calls = Counter(), Counter()
+        self.seconds = {'operator': Counter(), 'shape': Counter()}
+        self.calls = {'operator': Counter(), 'shape': Counter()}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         start = time.perf_counter()
         out = func(*args, **(kwargs or {}))
         elapsed = time.perf_counter() - start
+        name = func.overloadpacket.__name__
         shape = next((tuple(a.shape) for a in args if isinstance(a, torch.Tensor)), ())
-        for key in (func.overloadpacket.__name__, f'{func.overloadpacket.__name__} {shape}'):
-            self.seconds[key] += elapsed
-            self.calls[key] += 1
+        for grouping, key in (('operator', name), ('shape', f'{name} {shape}')):
+            self.seconds[grouping][key] += elapsed
+            self.calls[grouping][key] += 1
         return out
 
-    def table(self, rows: int, per_shape: bool) -> str:
-        keys = [key for key in self.seconds if (' ' in key) == per_shape]
-        total = sum(self.seconds[key] for key in keys)
-        lines = [f'{"operator" + (" (first input shape)" if per_shape else ""):<60} {"ms":>9} {"share":>6} {"calls":>6}']
-        for key in sorted(keys, key=self.seconds.get, reverse=True)[:rows]:
-            lines.append(f'{key:<60} {1e3 * self.seconds[key]:9.1f} {self.seconds[key] / total:6.1%} '
-                         f'{self.calls[key]:6d}')
+    def table(self, grouping: str, rows: int) -> str:
+        seconds, calls = self.seconds[grouping], self.calls[grouping]
+        total = sum(seconds.values())
+        title = 'operator' if grouping == 'operator' else 'operator (first input shape)'
+        lines = [f'{title:<60} {"ms":>9} {"share":>6} {"calls":>6}']
+        for key, value in seconds.most_common(rows):
+            lines.append(f'{key:<60} {1e3 * value:9.1f} {value / total:6.1%} {calls[key]:6d}')
         return '\n'.join(lines + [f'{"all operators":<60} {1e3 * total:9.1f}'])
 
 
@@ -94,8 +97,8 @@ def main() -> None:
         with OperatorClock() as clock:
             step()
         print(f'{time.perf_counter() - start:.2f} s for the step timed operator by operator\n')
-        print(clock.table(args.rows, per_shape=False) + '\n')
-        print(clock.table(args.rows, per_shape=True))
+        print(clock.table('operator', args.rows) + '\n')
+        print(clock.table('shape', args.rows))
         return
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         step()
