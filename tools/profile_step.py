@@ -58,6 +58,13 @@ class OperatorClock(TorchDispatchMode):
         return '\n'.join(lines + [f'{"all operators":<60} {1e3 * total:9.1f}'])
 
 
+def dense_task_indices(model_name: str) -> tuple:
+    """Indices of the model's stride-8, -16 and -32 feature maps (FPN inputs): (1, 2, 3) for HAT-Net and
+    pvt_v2, (2, 3, 4) for ResNets, whose first map is at stride 2."""
+    reductions = timm.create_model(model_name, features_only=True).feature_info.reduction()
+    return tuple(index for index, reduction in enumerate(reductions) if reduction in (8, 16, 32))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('model', help='any timm model name')
@@ -74,7 +81,7 @@ def main() -> None:
     keep_freed_memory()
     height, width = (int(side) for side in args.size.split('x'))
 
-    kwargs = dict(features_only=True, out_indices=(1, 2, 3)) if args.features else {}
+    kwargs = dict(features_only=True, out_indices=dense_task_indices(args.model)) if args.features else {}
     model = timm.create_model(args.model, **kwargs).to(memory_format=torch.channels_last).train()
     images = torch.randn(args.batch_size, 3, height, width).to(memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (args.batch_size,))
