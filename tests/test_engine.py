@@ -165,11 +165,12 @@ def test_datasets_are_built_before_the_model_and_the_state_has_one_schema(tmp_pa
     assert state == dict(model=None, class_names=['negative', 'positive'], config=dataclasses.asdict(ToyConfig()))
 
 
-def test_training_on_the_cpu_keeps_freed_memory_for_the_next_step(tmp_path, monkeypatch):
+def test_training_on_the_cpu_keeps_freed_memory_and_flushes_subnormals(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr('hatnet.engine.trainer.keep_freed_memory', lambda: calls.append(1) or True)
+    monkeypatch.setattr('hatnet.engine.trainer.keep_freed_memory', lambda: calls.append('memory') or True)
+    monkeypatch.setattr('hatnet.engine.trainer.flush_denormals', lambda: calls.append('subnormals') or True)
     train(ToyTask(), _cfg(tmp_path / 'run', iters=2, eval_every=2))
-    assert calls == [1]
+    assert calls == ['memory', 'subnormals']
 
 
 def test_bf16_autocast_trains(tmp_path):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from hatnet.models import optimize_for_cpu
+from hatnet.models import hat_net
 from hatnet.models.hat_net import GroupNorm1, InvertedResidual, SiLU, _attention
 from hatnet.models.runtime import _HAS_FUSED_BF16_CONV, IS_X86, SlicedInvertedResidual
 from hatnet.reference import reference_model
@@ -70,6 +71,22 @@ def test_bf16_attention_matches_sdpa_and_trains(masked):
     torch.testing.assert_close(out.float(), expected, rtol=0, atol=0.03)
     out.float().square().sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in low)
+
+
+@pytest.mark.parametrize('amx', [False, True])
+def test_bf16_inference_attention_takes_the_fused_kernel_only_on_an_amx_cpu(amx):
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(6, 2, 49, 48, generator=generator) for _ in range(3))
+    expected = F.scaled_dot_product_attention(q, k, v)
+    fused = F.scaled_dot_product_attention
+    calls = []
+    with mock.patch.object(hat_net, '_CPU_HAS_AMX', amx), \
+            mock.patch.object(F, 'scaled_dot_product_attention', lambda *a, **kw: calls.append(1) or fused(*a, **kw)):
+        out = _attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+        _attention(*(t.bfloat16().requires_grad_() for t in (q, k, v)))  # training: matrix products always
+    assert len(calls) == int(amx)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=0, atol=0.03)
 
 
 def test_bf16_model_runs_no_fused_attention_kernel_on_cpu():

@@ -1,8 +1,10 @@
-"""keep_freed_memory: a freed large block is reused by the next allocation, not returned to the OS and faulted in again."""
+"""The process-wide CPU settings of the trainer: keep_freed_memory (a freed large block is reused by the next
+allocation, not returned to the OS and faulted in again) and flush_denormals."""
 import subprocess
 import sys
 
 import pytest
+import torch
 
 # malloc, touch and free a 64 MiB block twice and count the minor page faults of the second round: with
 # glibc's defaults, then (in the same process: one start-up instead of two) with keep_freed_memory
@@ -35,3 +37,20 @@ def test_a_freed_large_block_is_reused_without_page_faults():
     default, kept = map(int, out.stdout.split()[-2:])
     assert default > PAGES // 2
     assert kept < PAGES // 10
+
+
+FLUSHED = '''
+import torch
+from hatnet.models.runtime import flush_denormals
+subnormal = torch.tensor([1e-39, -3e-40])  # below float32's smallest normal value, 1.2e-38
+before = (subnormal * 1.5).abs().min().item()
+print(before, flush_denormals(), (subnormal * 1.5).abs().max().item())
+'''
+
+
+@pytest.mark.skipif(not torch.set_flush_denormal(False), reason='no flush-to-zero mode on this CPU')
+def test_flush_denormals_makes_subnormal_floats_zero():
+    # in a child process: the setting is process-wide
+    out = subprocess.run([sys.executable, '-c', FLUSHED], capture_output=True, text=True, check=True)
+    before, supported, after = out.stdout.split()
+    assert float(before) > 0 and supported == 'True' and float(after) == 0

@@ -2,7 +2,8 @@
 
 Each recipe's detector (HAT-Net backbone) and the same detector on timm's ResNet-50 (the paper's baseline
 backbone) run forward + backward + AdamW step on a synthetic batch of 1333x800 images with 10 boxes (and
-masks) each, with the trainer's CPU settings (channels_last, fused AdamW, freed memory kept for the next step).
+masks) each, with the trainer's CPU settings (channels_last, fused AdamW, freed memory kept for the next step,
+subnormal floats flushed to zero).
 The models are timed interleaved, so a busy machine slows both alike; the table gives the mean, the spread, and
 the ratio to ResNet-50 in the same memory layout, measured in the same run. ``--layouts channels_last nchw``
 times every detector in both layouts.
@@ -21,7 +22,7 @@ from rich.table import Table
 
 from hatnet.engine import find_recipe, load_recipe
 from hatnet.engine.trainer import fast_optimizer_kwargs
-from hatnet.models.runtime import keep_freed_memory
+from hatnet.models.runtime import flush_denormals, keep_freed_memory
 from hatnet.tasks.detection import DetectionConfig, build_detector
 
 HEIGHT, WIDTH, BOXES, NUM_CLASSES = 800, 1333, 10, 81
@@ -57,6 +58,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     keep_freed_memory()  # as the trainer does on the CPU
+    flush_denormals()
 
     runs = {}
     for arch in args.archs:

@@ -1,9 +1,10 @@
 """Where one training step of a backbone spends its time: a torch.profiler table of the largest operators.
 
 One step = forward, a loss, backward (no optimizer), fp32 or bf16 autocast, channels_last inputs, freed memory
-kept for the next step as the trainer keeps it. Classification at 224 x 224 (cross-entropy on the logits) by
-default; ``--features`` profiles the backbone as a dense-task feature extractor (a mean-square loss on its
-stride-8/16/32 maps), e.g. at the detection size 800 x 1344. Two untimed steps come first.
+kept for the next step and subnormal floats flushed to zero, as the trainer does. Classification at 224 x 224
+(cross-entropy on the logits) by default; ``--features`` profiles the backbone as a dense-task feature extractor
+(a mean-square loss on its stride-8/16/32 maps), e.g. at the detection size 800 x 1344. Two untimed steps come
+first.
 
 ``--timer ops`` times every ATen operator call with a clock around the call instead of torch.profiler (CPU
 only, where kernels run synchronously). Under the profiler a step can run slower than without it, and the
@@ -26,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import hatnet.models  # noqa: F401  (registers the hat_net models with timm)
-from hatnet.models.runtime import keep_freed_memory
+from hatnet.models.runtime import flush_denormals, keep_freed_memory
 
 
 class OperatorClock(TorchDispatchMode):
@@ -79,6 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()
+    flush_denormals()
     height, width = (int(side) for side in args.size.split('x'))
 
     kwargs = dict(features_only=True, out_indices=dense_task_indices(args.model)) if args.features else {}

@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..errors import HatNetError
-from ..models.runtime import keep_compiled_kernels
+from ..models.runtime import flush_denormals, keep_compiled_kernels
 from .measure import peak_memory_mb, timed
 from .runtimes import RunSettings, make_runner
 
@@ -216,6 +216,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda mess
         timm_name(spec)
     # the rows' kernels together outgrow oneDNN's default cache: without this, every round would recompile them
     keep_compiled_kernels()
+    flush_denormals()  # as the trainer does: training rows must not time microcode assists on subnormal values
     settings = config.settings
     if settings.threads:
         torch.set_num_threads(settings.threads)

@@ -48,7 +48,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..fileio import append_text, load_file, save_atomic, write_text_atomic
 from ..errors import CheckpointError, DatasetError, HatNetError
-from ..models.runtime import EMULATED_BF16_NOTE, cpu_emulates_bf16, keep_freed_memory
+from ..models.runtime import EMULATED_BF16_NOTE, cpu_emulates_bf16, flush_denormals, keep_freed_memory
 from . import distributed as dist
 from .checkpoint import BEST, FORMAT, LAST, capture_rng_state, load_weights, restore_rng_state
 from .fitting import Choice
@@ -191,6 +191,8 @@ class Trainer:
             # a CPU step allocates and frees the same large activations every time: glibc would hand them back
             # to the OS and page-fault them in afresh each step (5-15 % of a step, docs/performance.md)
             keep_freed_memory()
+            # subnormal values cost Intel cores a microcode assist per operation (steps 2.5-10x slower)
+            flush_denormals()
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model

@@ -17,8 +17,9 @@ get the whole-batch MLP, and torch.jit.script puts the plain whole-batch MLP bac
 export writes the same slicing as a loop over the batch with its own budget (``hatnet.export.hat_net_onnx``),
 using the same ``images_per_slice`` rule.
 
-``keep_freed_memory()`` is the process-wide part: glibc keeps the memory of freed large activations for the
-next step instead of returning it to the OS (the trainer and ``hatnet bench`` call it on CPU), and
+The process-wide part: ``keep_freed_memory()`` makes glibc keep the memory of freed large activations for
+the next step instead of returning it to the OS (the trainer and ``hatnet bench`` call it on CPU),
+``flush_denormals()`` makes the CPU treat subnormal floats as zero (the trainer and ``hatnet bench``), and
 ``keep_compiled_kernels()`` lets oneDNN keep the compiled kernels of many models at once (``hatnet bench``).
 """
 import copy
@@ -34,7 +35,7 @@ from torch import nn
 from .hat_net import InvertedResidual, _cpu_autocast_on
 
 __all__ = ['EMULATED_BF16_NOTE', 'IS_X86', 'SLICE_BYTES', 'SlicedInvertedResidual', 'cpu_emulates_bf16',
-           'images_per_slice', 'keep_compiled_kernels', 'keep_freed_memory', 'optimize_for_cpu']
+           'flush_denormals', 'images_per_slice', 'keep_compiled_kernels', 'keep_freed_memory', 'optimize_for_cpu']
 
 # best budget on an AMD Zen 4; on an Intel Ice Lake and an AMD Zen 5 any budget is the same (docs/performance.md)
 SLICE_BYTES = 16 << 20
@@ -140,6 +141,17 @@ def keep_freed_memory() -> bool:
     # glibc) is the way to say "never"; ctypes cuts larger Python ints silently (2**62 would arrive as 0, which
     # trims on every free)
     return bool(libc.mallopt(m_mmap_threshold, 2 ** 30) and libc.mallopt(m_trim_threshold, -1))
+
+
+def flush_denormals() -> bool:
+    """Make the CPU treat subnormal floats (float32 below 1.2e-38) as zero, in inputs and results (process-wide).
+
+    An Intel core takes a microcode assist of about a hundred cycles for every operation on a subnormal value,
+    and a few steps of training can produce them (activations or gradients that underflow): HAT-Net-Tiny's Mask
+    R-CNN iteration at 1333 x 800 took 33-143 s instead of 13-14 s at some steps on an Intel Xeon with AMX
+    (docs/detection.md). No model depends on values that small. Returns False where the CPU has no such mode.
+    """
+    return torch.set_flush_denormal(True)
 
 
 def keep_compiled_kernels(capacity: int = 8192) -> None:
