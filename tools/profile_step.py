@@ -1,10 +1,11 @@
-"""Where one training step of a backbone spends its time: a torch.profiler table of the largest operators.
+"""Where a training step (or an inference forward) of a backbone spends its time: its largest operators.
 
 One step = forward, a loss, backward (no optimizer), fp32 or bf16 autocast, channels_last inputs, freed memory
 kept for the next step and subnormal floats flushed to zero, as the trainer does. Classification at 224 x 224
 (cross-entropy on the logits) by default; ``--features`` profiles the backbone as a dense-task feature extractor
 (a mean-square loss on its stride-8/16/32 maps), e.g. at the detection size 800 x 1344. Two untimed steps come
-first.
+first. ``--infer`` profiles an inference forward instead, as ``hatnet bench`` runs it (eval mode, inference mode,
+HAT-Net in its CPU inference form ``optimize_for_cpu``).
 
 ``--timer ops`` times every ATen operator call with a clock around the call instead of torch.profiler (CPU
 only, where kernels run synchronously). Under the profiler a step can run slower than without it, and the
@@ -15,6 +16,7 @@ unprofiled time.
     PYTHONPATH=src python tools/profile_step.py hat_net_tiny --size 800x1344 --batch-size 2 --features
     PYTHONPATH=src python tools/profile_step.py hat_net_small --dtype bf16 [--threads 2] [--rows 20]
     PYTHONPATH=src python tools/profile_step.py pvt_v2_b1 --timer ops
+    PYTHONPATH=src python tools/profile_step.py hat_net_tiny --dtype bf16 --infer --timer ops
 """
 import argparse
 import time
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import hatnet.models  # noqa: F401  (registers the hat_net models with timm)
+from hatnet.models import optimize_for_cpu  # (importing hatnet.models registers the hat_net models with timm)
 from hatnet.models.runtime import flush_denormals, keep_freed_memory
 
 
@@ -73,6 +75,7 @@ def main() -> None:
     parser.add_argument('--batch-size', type=int, default=16)
     parser.add_argument('--dtype', choices=('fp32', 'bf16'), default='fp32')
     parser.add_argument('--features', action='store_true', help='features_only: the stride-8/16/32 maps')
+    parser.add_argument('--infer', action='store_true', help='an inference forward instead of a training step')
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--rows', type=int, default=15, help='operators per table')
     parser.add_argument('--timer', choices=('profiler', 'ops'), default='profiler',
@@ -84,12 +87,21 @@ def main() -> None:
     height, width = (int(side) for side in args.size.split('x'))
 
     kwargs = dict(features_only=True, out_indices=dense_task_indices(args.model)) if args.features else {}
-    model = timm.create_model(args.model, **kwargs).to(memory_format=torch.channels_last).train()
+    model = timm.create_model(args.model, **kwargs).to(memory_format=torch.channels_last).train(not args.infer)
     images = torch.randn(args.batch_size, 3, height, width).to(memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (args.batch_size,))
+    if args.infer:
+        optimize_for_cpu(model)
+
+    def autocast():
+        return torch.autocast('cpu', torch.bfloat16, enabled=args.dtype == 'bf16')
 
     def step() -> None:
-        with torch.autocast('cpu', torch.bfloat16, enabled=args.dtype == 'bf16'):
+        if args.infer:
+            with torch.inference_mode(), autocast():
+                model(images)
+            return
+        with autocast():
             out = model(images)
             loss = sum(f.float().pow(2).mean() for f in out) if args.features else F.cross_entropy(out, labels)
         loss.backward()
@@ -99,13 +111,14 @@ def main() -> None:
         step()
     start = time.perf_counter()
     step()
+    what = 'inference forward' if args.infer else 'step'
     print(f'{args.model}, {args.dtype}, batch {args.batch_size} at {height}x{width}, {args.threads} threads: '
-          f'{time.perf_counter() - start:.2f} s per step (unprofiled)')
+          f'{time.perf_counter() - start:.3f} s per {what} (unprofiled)')
     if args.timer == 'ops':
         start = time.perf_counter()
         with OperatorClock() as clock:
             step()
-        print(f'{time.perf_counter() - start:.2f} s for the step timed operator by operator\n')
+        print(f'{time.perf_counter() - start:.3f} s for the {what} timed operator by operator\n')
         print(clock.table('operator', args.rows) + '\n')
         print(clock.table('shape', args.rows))
         return

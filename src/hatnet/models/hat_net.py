@@ -175,6 +175,12 @@ def _from_heads(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
 _CPU_HAS_AMX = hasattr(torch.cpu, '_is_amx_tile_supported') and torch.cpu._is_amx_tile_supported()
 
 
+@torch.jit.unused
+def _fused_bf16_attention_wins(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """bf16 inference (no gradients) on a CPU with AMX: there the fused kernel's forward is the faster one."""
+    return _CPU_HAS_AMX and q.dtype == torch.bfloat16 and not (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
 @register_notrace_function  # a leaf for timm's tracer: it decides on dtypes and devices
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -187,10 +193,9 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     slower). float32, other devices and traced / compiled graphs keep the fused kernel (float32 outputs
     unchanged).
     """
-    fused_wins = _CPU_HAS_AMX and q.dtype == torch.bfloat16 and not (q.requires_grad or k.requires_grad
-                                                                     or v.requires_grad)
-    if (q.dtype == torch.bfloat16 or q.dtype == torch.float16) and q.device.type == 'cpu' and not fused_wins \
-            and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+    if (q.dtype == torch.bfloat16 or q.dtype == torch.float16) and q.device.type == 'cpu' \
+            and not (torch.compiler.is_compiling() or torch.jit.is_tracing()) \
+            and (torch.jit.is_scripting() or not _fused_bf16_attention_wins(q, k, v)):
         scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
         if key_mask is not None:
             scores = scores.masked_fill(~key_mask, float('-inf'))
