@@ -54,3 +54,22 @@ def test_flush_denormals_makes_subnormal_floats_zero():
     out = subprocess.run([sys.executable, '-c', FLUSHED], capture_output=True, text=True, check=True)
     before, supported, after = out.stdout.split()
     assert float(before) > 0 and supported == 'True' and float(after) == 0
+
+
+EVERY_THREAD = '''
+import torch
+from hatnet.cli import main
+try:
+    main(['info'])
+except SystemExit:
+    pass
+torch.set_num_threads(2)
+print(int((torch.full((1 << 22,), 1e-39) * 1.5 != 0).sum()))  # a parallel operator: every worker thread
+'''
+
+
+@pytest.mark.skipif(not torch.set_flush_denormal(False), reason='no flush-to-zero mode on this CPU')
+def test_the_hatnet_command_flushes_subnormals_in_every_worker_thread():
+    # the mode is per thread: set after the worker threads have started, it would miss all but the caller
+    out = subprocess.run([sys.executable, '-c', EVERY_THREAD], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == '0'

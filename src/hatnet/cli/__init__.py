@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..errors import HatNetError
+from ..models.runtime import flush_denormals
 from . import bench, classify, det, export, model_cmds, seg, serve, train  # noqa: F401  (each module registers its commands)
 from .app import app, cls_app
 
@@ -30,6 +31,8 @@ def _error(message: str) -> None:
 
 
 def main(argv=None) -> None:
+    # first, before any operator starts PyTorch's worker threads: they inherit the mode only when they start
+    flush_denormals()
     try:
         # the command line's own errors (an unknown option, a value of the wrong type) come here too, to be one line
         code = app(args=argv, prog_name='hatnet', standalone_mode=False)

@@ -150,6 +150,11 @@ def flush_denormals() -> bool:
     and a few steps of training can produce them (activations or gradients that underflow): HAT-Net-Tiny's Mask
     R-CNN iteration at 1333 x 800 took 33-143 s instead of 13-14 s at some steps on an Intel Xeon with AMX
     (docs/detection.md). No model depends on values that small. Returns False where the CPU has no such mode.
+
+    The mode belongs to each thread: it applies to the calling thread and to the threads started after it,
+    not to PyTorch's worker threads already running (a parallel operator starts them). The ``hatnet`` command
+    calls it before anything else; the trainer and the bench call it again for callers from Python, where it
+    reaches every thread only if it comes before the first parallel operator.
     """
     return torch.set_flush_denormal(True)
 
