@@ -50,7 +50,7 @@ print(before, flush_denormals(), (subnormal * 1.5).abs().max().item())
 
 @pytest.mark.skipif(not torch.set_flush_denormal(False), reason='no flush-to-zero mode on this CPU')
 def test_flush_denormals_makes_subnormal_floats_zero():
-    # in a child process: the setting is process-wide
+    # in a child process: the setting would outlive the test
     out = subprocess.run([sys.executable, '-c', FLUSHED], capture_output=True, text=True, check=True)
     before, supported, after = out.stdout.split()
     assert float(before) > 0 and supported == 'True' and float(after) == 0

@@ -19,7 +19,8 @@ using the same ``images_per_slice`` rule.
 
 The process-wide part: ``keep_freed_memory()`` makes glibc keep the memory of freed large activations for
 the next step instead of returning it to the OS (the trainer and ``hatnet bench`` call it on CPU),
-``flush_denormals()`` makes the CPU treat subnormal floats as zero (the trainer and ``hatnet bench``), and
+``flush_denormals()`` makes the CPU treat subnormal floats as zero (the ``hatnet`` command, the trainer and
+``hatnet bench``), and
 ``keep_compiled_kernels()`` lets oneDNN keep the compiled kernels of many models at once (``hatnet bench``).
 """
 import copy
@@ -144,7 +145,7 @@ def keep_freed_memory() -> bool:
 
 
 def flush_denormals() -> bool:
-    """Make the CPU treat subnormal floats (float32 below 1.2e-38) as zero, in inputs and results (process-wide).
+    """Make the CPU treat subnormal floats (float32 below 1.2e-38) as zero, in inputs and results.
 
     An Intel core takes a microcode assist of about a hundred cycles for every operation on a subnormal value,
     and a few steps of training can produce them (activations or gradients that underflow): HAT-Net-Tiny's Mask
