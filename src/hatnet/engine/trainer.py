@@ -177,6 +177,10 @@ class Trainer:
         self.main = dist.is_main_process()
         # refuse another run's directory, or one in use, before anything is built (checked on every process)
         check_start(self.run_dir, cfg.resume, cfg.overwrite)
+        if device.type == 'cpu':
+            # subnormal values cost Intel cores a microcode assist per operation (steps 2.5-10x slower); set before
+            # data and model are built, whose operators may start the worker threads (they inherit the mode)
+            flush_denormals()
 
         # the data first: the model may depend on it (the number of classes)
         train_set, val_set = task.build_datasets()
@@ -191,8 +195,6 @@ class Trainer:
             # a CPU step allocates and frees the same large activations every time: glibc would hand them back
             # to the OS and page-fault them in afresh each step (5-15 % of a step, docs/performance.md)
             keep_freed_memory()
-            # subnormal values cost Intel cores a microcode assist per operation (steps 2.5-10x slower)
-            flush_denormals()
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model
