@@ -39,6 +39,9 @@ def test_a_freed_large_block_is_reused_without_page_faults():
     assert kept < PAGES // 10
 
 
+# setting the default (off) tells whether the CPU has the mode at all
+NEEDS_FLUSH_MODE = pytest.mark.skipif(not torch.set_flush_denormal(False), reason='no flush-to-zero mode on this CPU')
+
 FLUSHED = '''
 import torch
 from hatnet.models.runtime import flush_denormals
@@ -48,7 +51,7 @@ print(before, flush_denormals(), (subnormal * 1.5).abs().max().item())
 '''
 
 
-@pytest.mark.skipif(not torch.set_flush_denormal(False), reason='no flush-to-zero mode on this CPU')
+@NEEDS_FLUSH_MODE
 def test_flush_denormals_makes_subnormal_floats_zero():
     # in a child process: the setting would outlive the test
     out = subprocess.run([sys.executable, '-c', FLUSHED], capture_output=True, text=True, check=True)
@@ -68,7 +71,7 @@ print(int((torch.full((1 << 22,), 1e-39) * 1.5 != 0).sum()))  # a parallel opera
 '''
 
 
-@pytest.mark.skipif(not torch.set_flush_denormal(False), reason='no flush-to-zero mode on this CPU')
+@NEEDS_FLUSH_MODE
 def test_the_hatnet_command_flushes_subnormals_in_every_worker_thread():
     # the mode is per thread: set after the worker threads have started, it would miss all but the caller
     out = subprocess.run([sys.executable, '-c', EVERY_THREAD], capture_output=True, text=True, check=True)

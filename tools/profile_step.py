@@ -21,6 +21,7 @@ unprofiled time.
 import argparse
 import time
 from collections import Counter
+from functools import partial
 
 import timm
 import torch
@@ -28,7 +29,8 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hatnet.models import optimize_for_cpu  # (importing hatnet.models registers the hat_net models with timm)
+import hatnet.models  # noqa: F401  (registers the hat_net models with timm)
+from hatnet.bench.runtimes import RunSettings, make_runner
 from hatnet.models.runtime import flush_denormals, keep_freed_memory
 
 
@@ -90,22 +92,19 @@ def main() -> None:
     model = timm.create_model(args.model, **kwargs).to(memory_format=torch.channels_last).train(not args.infer)
     images = torch.randn(args.batch_size, 3, height, width).to(memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (args.batch_size,))
-    if args.infer:
-        optimize_for_cpu(model)
 
-    def autocast():
-        return torch.autocast('cpu', torch.bfloat16, enabled=args.dtype == 'bf16')
-
-    def step() -> None:
-        if args.infer:
-            with torch.inference_mode(), autocast():
-                model(images)
-            return
-        with autocast():
+    def train_step() -> None:
+        with torch.autocast('cpu', torch.bfloat16, enabled=args.dtype == 'bf16'):
             out = model(images)
             loss = sum(f.float().pow(2).mean() for f in out) if args.features else F.cross_entropy(out, labels)
         loss.backward()
         model.zero_grad(set_to_none=True)
+
+    if args.infer:  # exactly as hatnet bench runs it: its eager runner
+        run = make_runner(model, 'eager', RunSettings(torch.device('cpu'), dtype=args.dtype, channels_last=True))
+        step = partial(run, images)
+    else:
+        step = train_step
 
     for _ in range(2):
         step()

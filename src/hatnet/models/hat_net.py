@@ -172,7 +172,7 @@ def _from_heads(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 # PyTorch's fused CPU attention runs its bf16 products on AMX tiles where the CPU has them
-_CPU_HAS_AMX = hasattr(torch.cpu, '_is_amx_tile_supported') and torch.cpu._is_amx_tile_supported()
+_CPU_HAS_AMX = torch.cpu._is_amx_tile_supported()
 
 
 @torch.jit.unused
