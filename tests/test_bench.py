@@ -243,6 +243,33 @@ def test_bench_cli_train_mode_and_compare_table(tmp_path):
     assert 'hat_net_tiny / resnet18' in result.output and 'eager, fp32, train' in result.output
 
 
+@pytest.mark.parametrize('flag, glibc, kept', [
+    ([], True, True),  # the default: freed memory stays in the process, as in the trainer
+    ([], False, False),  # ... where glibc offers it, without complaint elsewhere
+    (['--no-keep-memory'], True, False),
+    (['--keep-memory'], True, True),
+])
+def test_bench_cli_keeps_freed_memory_by_default(tmp_path, monkeypatch, flag, glibc, kept):
+    calls = []
+    monkeypatch.setattr('hatnet.bench.keep_freed_memory', lambda: calls.append(1) or glibc)
+    result = CliRunner().invoke(app, [
+        'bench', '--models', 'hat_net_tiny', '--resolutions', '64', '--batch-size', '1', '--no-scale-batch',
+        '--rounds', '1', '--no-latency', '--threads', '1', '--out', str(tmp_path), *flag])
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / 'bench.csv') as f:
+        assert [r['keep_memory'] for r in csv.DictReader(f)] == [str(kept)]
+    assert len(calls) == (flag != ['--no-keep-memory'])
+
+
+def test_bench_cli_keep_memory_without_glibc_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr('hatnet.bench.keep_freed_memory', lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(['bench', '--models', 'hat_net_tiny', '--resolutions', '64', '--out', str(tmp_path), '--keep-memory'])
+    assert exit_info.value.code == 2
+    assert '--keep-memory needs glibc' in capsys.readouterr().err
+    assert not (tmp_path / 'bench.csv').exists()
+
+
 @pytest.mark.parametrize('emulated', [True, False])
 def test_bench_cli_says_when_bf16_rows_run_in_software(tmp_path, monkeypatch, emulated):
     monkeypatch.setattr('hatnet.models.runtime.cpu_emulates_bf16', lambda: emulated)

@@ -52,8 +52,11 @@ def bench(
         channels_last: bool = typer.Option(True, help='Convert every model and the inputs to channels_last (hat_net '
                                                       'runs channels_last inside whatever its input, so this is the '
                                                       'fair comparison); --no-channels-last keeps the peers NCHW.'),
-        keep_memory: bool = typer.Option(False, help='CPU: keep freed memory in the process (glibc mallopt) instead of '
-                                                     'page-faulting large activations in anew on every pass.'),
+        keep_memory: Optional[bool] = typer.Option(
+            None, '--keep-memory/--no-keep-memory',
+            help='CPU: keep freed memory in the process (glibc mallopt), as the trainer does, instead of '
+                 'page-faulting every large activation in anew on each pass, which slows the models with the '
+                 'largest activations most. Default: on wherever glibc offers it.'),
         device: str = typer.Option('auto', help='auto, cpu or cuda.'),
         out: Path = typer.Option(Path('bench-results'), help='Folder for bench.csv, throughput.png and memory.png.'),
         overwrite: bool = typer.Option(False, help='Replace those files in --out if they exist.'),
@@ -99,7 +102,8 @@ def bench(
         scale_batch=scale_batch, rounds=rounds, warmup=warmup, latency=latency, max_forward_seconds=max_seconds,
         baseline=baseline)
 
-    if keep_memory and not keep_freed_memory():
+    kept_memory = keep_memory is not False and keep_freed_memory()  # None: wherever glibc offers it
+    if keep_memory and not kept_memory:
         raise HatNetError('--keep-memory needs glibc (Linux)')
     console = output_console()
     if not console.is_terminal:
@@ -116,7 +120,7 @@ def bench(
     conditions = dict(
         machine=describe_machine(settings.device), device=settings.device.type,
         threads=settings.threads or torch.get_num_threads(), channels_last=channels_last, features=features,
-        keep_memory=keep_memory,
+        keep_memory=kept_memory,
         torch=torch.__version__, load_before=f'{load_before[0]:.2f}', load_after=f'{load_after[0]:.2f}')
     base = baseline or model_names[0]
     csv_path, throughput_png, memory_png = outputs
