@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from hatnet.bench import (BenchConfig, RunSettings, build_model, make_runner, parse_resolution, peak_memory_mb,
                           run_bench)
-from hatnet.bench.measure import describe_machine
-from hatnet.bench.runner import batch_for
+from hatnet.bench.measure import describe_machine, page_faults
+from hatnet.bench.runner import SETTLE_MAX_ROUNDS, settle_heap, batch_for
 from hatnet.cli import app, main
 from hatnet.errors import HatNetError
 from hatnet.models.runtime import IS_X86
@@ -123,6 +123,32 @@ def test_compile_time_is_reported_and_not_judged_as_speed(monkeypatch):
     assert row.status == 'ok' and row.compile_s >= compile_seconds and row.img_per_s > 1 / 0.4
 
 
+def test_untimed_rounds_run_until_the_heap_stops_growing(monkeypatch):
+    state = {'faults': 0, 'calls': 0}
+    monkeypatch.setattr('hatnet.bench.runner.page_faults', lambda: state['faults'])
+
+    def call():  # the first four calls grow the heap
+        state['calls'] += 1
+        if state['calls'] <= 4:
+            state['faults'] += 10_000
+
+    assert settle_heap([call, call]) == 3 and state['calls'] == 6  # two growing rounds, one quiet one
+    state['calls'] = -1_000  # a heap that keeps growing: the rounds stop at the cap
+    assert settle_heap([call]) == SETTLE_MAX_ROUNDS
+
+
+@pytest.mark.skipif(sys.platform == 'win32', reason='no page-fault counts on Windows')
+def test_page_faults_count_memory_touched_for_the_first_time():
+    import mmap
+    size = 64 * 2 ** 20
+    memory = mmap.mmap(-1, size)
+    before = page_faults()
+    for offset in range(0, size, 4096):
+        memory[offset] = 1
+    assert page_faults() - before >= size // (2 * 2 ** 20)  # at least one per page, even with 2 MiB pages
+    memory.close()
+
+
 def test_peak_memory_sees_an_allocation():
     assert peak_memory_mb(lambda: torch.ones(25_000_000).sum(), torch.device('cpu')) > 80
 
@@ -152,6 +178,7 @@ def test_bench_cli_writes_csv_plots_and_table(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 and {r['threads'] for r in rows} == {'1'} and {r['dtype'] for r in rows} == {'fp32'}
     assert float(rows[0]['ratio']) == 1.0 and float(rows[1]['ratio']) > 0
+    assert all(float(r['page_faults']) >= 0 for r in rows)
     for name in ('throughput.png', 'memory.png'):
         assert (tmp_path / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     assert 'hat_net_tiny-global' in result.output and 'AVX' in result.output or 'CPU' in result.output

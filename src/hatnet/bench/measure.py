@@ -24,6 +24,16 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def page_faults() -> int:
+    """Minor page faults of this process so far (pages the kernel mapped in on first touch); 0 where the OS
+    does not count them."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _read_status_kb(field: str) -> Optional[int]:
     try:
         with open('/proc/self/status') as f:
