@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from hatnet.bench import (BenchConfig, RunSettings, build_model, make_runner, parse_resolution, peak_memory_mb,
                           run_bench)
 from hatnet.bench.measure import describe_machine, page_faults
-from hatnet.bench.runner import SETTLE_MAX_ROUNDS, settle_heap, batch_for
+from hatnet.bench.runner import SETTLE_MAX_ROUNDS, batch_for, settle_heap
 from hatnet.cli import app, main
 from hatnet.errors import HatNetError
 from hatnet.models.runtime import IS_X86

@@ -15,9 +15,9 @@ times every detector in both layouts.
 """
 import argparse
 import itertools
-from functools import partial
 import statistics
 import time
+from functools import partial
 
 import torch
 from rich.console import Console
