@@ -16,9 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from hatnet.engine import Task, TrainConfig, build_configs, distributed, load_run_checkpoint, resolve_config, train
+from hatnet.engine.loaders import ResumableSampler, SeededDataset
 from hatnet.errors import CheckpointError, DatasetError, HatNetError
 
 
@@ -144,6 +145,34 @@ def test_resume_after_crash_ends_where_an_uninterrupted_run_does(tmp_path, lengt
     full, resumed = _params(tmp_path / 'full'), _params(tmp_path / 'crashed')
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     assert _rows(tmp_path / 'full') == _rows(tmp_path / 'crashed')
+
+
+class NoisySamples(Dataset):
+    """Every sample is its index and a fresh random number: what an augmentation draws."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, index):
+        return index, torch.rand(())
+
+
+def test_persistent_workers_draw_each_epoch_as_the_main_process_does():
+    data = SeededDataset(NoisySamples(), seed=3)
+
+    def epochs(workers):
+        sampler = ResumableSampler(data, num_replicas=1, rank=0, seed=3)
+        loader = DataLoader(data, batch_size=2, sampler=sampler, num_workers=workers,
+                            persistent_workers=workers > 0)
+        draws = []
+        for epoch in (0, 1, 0):
+            sampler.set_epoch(epoch)
+            draws.append({int(i): float(v) for indices, values in loader for i, v in zip(indices, values)})
+        return draws
+
+    in_worker, in_main = epochs(1), epochs(0)
+    assert in_worker == in_main  # the workers, started once, follow the epoch the sampler hands them
+    assert all(in_worker[0][i] != in_worker[1][i] for i in range(6)) and in_worker[2] == in_worker[0]
 
 
 class SizedByDataTask(ToyTask):

@@ -2,6 +2,7 @@
 
 * :class:`ResumableSampler` shuffles each epoch from ``seed + epoch`` (torch's DistributedSampler) and can
   start part-way through an epoch, so a resumed run skips the batches already consumed without loading them.
+  It yields ``(epoch, index)`` pairs: the epoch travels with each index, so persistent workers need no update.
 * :class:`SeededDataset` seeds the random number generators from ``(seed, epoch, index)`` before each sample's
   augmentation, so a sample is augmented the same way whichever worker loads it and whenever.
 * :class:`ShardSampler` splits the validation set across processes without the padding DistributedSampler
@@ -11,7 +12,7 @@ import itertools
 import random
 import re
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Tuple
 
 import numpy as np
 import torch
@@ -33,8 +34,8 @@ class ResumableSampler(DistributedSampler):
         super().set_epoch(epoch)
         self.start = start
 
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(super().__iter__(), self.start, None)
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        return ((self.epoch, index) for index in itertools.islice(super().__iter__(), self.start, None))
 
     def __len__(self) -> int:
         return self.num_samples - self.start
@@ -58,23 +59,24 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class SeededDataset(Dataset):
-    """Wraps a training dataset: sample ``index`` of epoch ``epoch`` is drawn with the python, numpy and torch
-    generators seeded from ``(seed, epoch, index)``. In the main process (``workers: 0``) the generators'
-    previous states are restored afterwards, so data loading does not shift the training randomness."""
+    """Wraps a training dataset, indexed by ``(epoch, index)`` pairs (``ResumableSampler``'s): sample ``index``
+    of epoch ``epoch`` is drawn with the python, numpy and torch generators seeded from ``(seed, epoch, index)``.
+    In the main process (``workers: 0``) the generators' previous states are restored afterwards, so data
+    loading does not shift the training randomness."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset = dataset
         self.seed = seed
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, epoch_and_index: Tuple[int, int]):
+        epoch, index = epoch_and_index
         in_worker = get_worker_info() is not None
         if not in_worker:
             saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        random_seed(_sample_seed(self.seed, self.epoch, index))
+        random_seed(_sample_seed(self.seed, epoch, index))
         try:
             return self.dataset[index]
         finally:
