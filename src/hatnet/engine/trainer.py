@@ -177,10 +177,13 @@ class Trainer:
         self.main = dist.is_main_process()
         # refuse another run's directory, or one in use, before anything is built (checked on every process)
         check_start(self.run_dir, cfg.resume, cfg.overwrite)
-        if device.type == 'cpu':
-            # subnormal values cost Intel cores a microcode assist per operation (steps 2.5-10x slower); set before
-            # data and model are built, whose operators may start the worker threads (they inherit the mode)
+        if device.type == 'cpu':  # process-wide settings, before data and model are built
+            # subnormal values cost Intel cores a microcode assist per operation (steps 2.5-10x slower); the
+            # operators that build data and model may start the worker threads, which inherit the mode
             flush_denormals()
+            # a CPU step allocates and frees the same large activations every time: glibc would hand them back
+            # to the OS and page-fault them in afresh each step (5-15 % of a step, docs/performance.md)
+            keep_freed_memory()
 
         # the data first: the model may depend on it (the number of classes)
         train_set, val_set = task.build_datasets()
@@ -191,10 +194,6 @@ class Trainer:
         self._prepare_run_dir(lock)
 
         model.to(device)
-        if device.type == 'cpu':
-            # a CPU step allocates and frees the same large activations every time: glibc would hand them back
-            # to the OS and page-fault them in afresh each step (5-15 % of a step, docs/performance.md)
-            keep_freed_memory()
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model
