@@ -21,7 +21,7 @@ from hatnet.data.segmentation import SHAPE_CLASSES, write_shapes_dataset
 from hatnet.engine import TrainConfig, train
 from hatnet.reference import reference_state_dict
 from hatnet.tasks.classification import Classification, ClassificationConfig, ClassificationTask
-from hatnet.tasks.detection import Detection, DetectionConfig, DetectionTask
+from hatnet.tasks.detection import Detection, DetectionConfig, DetectionTask, build_detector
 from hatnet.tasks.segmentation import Segmentation, SegmentationConfig, SegmentationTask
 from test_classification import COLOURS, make_image_folder
 from test_engine import one_thread  # noqa: F401  (autouse fixture: one intra-op thread for small models)
@@ -183,3 +183,79 @@ def test_checkpoints_of_the_old_schema_still_load(run_fixture, request, tmp_path
     assert type(old) is type(new) and old.class_names == new.class_names
     image = np.random.default_rng(0).integers(0, 256, (48, 56, 3), dtype=np.uint8)
     assert old.predict(image)[0].to_dict() == new.predict(image)[0].to_dict()
+
+
+# what each run is given to predict with, and the options that make its predictions comparable
+AMP_OPTIONS = dict(classification_run={}, segmentation_run={}, detection_run=dict(score_thresh=0., detections_per_img=5))
+
+
+def _first_image(run_fixture, data):
+    pattern = {'classification_run': 'val/red/*.png', 'segmentation_run': 'images/val/*',
+               'detection_run': 'val2017/*.png'}[run_fixture]
+    return sorted(data.glob(pattern))[0]
+
+
+def _output_dtypes_of_convolutions(model):
+    """A set that collects the dtype of every Conv2d output of ``model`` from now on (and the hooks' handles)."""
+    dtypes = set()
+    handles = [m.register_forward_hook(lambda module, inputs, output: dtypes.add(output.dtype))
+               for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    return dtypes, handles
+
+
+@pytest.mark.parametrize('run_fixture', ['classification_run', 'segmentation_run', 'detection_run'])
+def test_amp_bf16_predicts_and_evaluates_under_autocast(run_fixture, request):
+    run, data = request.getfixturevalue(run_fixture)
+    exact = hatnet.load(run, device='cpu', **AMP_OPTIONS[run_fixture])
+    fast = hatnet.load(run, device='cpu', amp='bf16', **AMP_OPTIONS[run_fixture])
+    assert exact.amp == 'none' and fast.amp == 'bf16' and 'amp=bf16' in repr(fast)
+    # the layout the trainer trains in: heads and decoders compute in NHWC too
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last)
+               for m in fast.model.modules() if isinstance(m, torch.nn.Conv2d))
+    image = _first_image(run_fixture, data)
+    result, reference = fast.predict(image)[0], exact.predict(image)[0]
+    # (a hook on HAT-Net's MLP convolutions makes it call them one by one instead of fused with the SiLUs)
+    dtypes, handles = _output_dtypes_of_convolutions(fast.model)
+    fast.predict(image)
+    assert dtypes == {torch.bfloat16}  # every convolution ran in bf16
+    dtypes.clear()
+    fast.evaluate(data, workers=0)
+    assert dtypes == {torch.bfloat16}
+    for handle in handles:
+        handle.remove()
+    # the results are float32 and near the float32 model's
+    if run_fixture == 'classification_run':
+        by_class = dict(zip(reference.indices, reference.scores))
+        assert all(abs(score - by_class[i]) < 0.03 for i, score in zip(result.indices, result.scores))
+    elif run_fixture == 'segmentation_run':
+        assert (result.mask == reference.mask).mean() > 0.9
+    else:  # boxes decoded in float32, not on bf16's grid of 0.25-0.5 px at these sizes
+        assert result.boxes.dtype == reference.boxes.dtype == np.float32
+        assert result.masks.shape[1:] == reference.masks.shape[1:] and len(result.labels) == 5
+    assert fast.predict(image)[0].to_dict() == result.to_dict()  # the model is left as it was
+
+
+def test_detection_heads_decode_in_float32_under_autocast():
+    torch.manual_seed(0)
+    for arch in ('retinanet', 'maskrcnn'):
+        config = DetectionConfig(arch=arch, min_size=64, max_size=80, score_thresh=0.)
+        model = build_detector(config, 4).eval()
+        image = torch.rand(3, 60, 70)
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+            output = model([image])[0]
+        assert output['boxes'].dtype == output['scores'].dtype == torch.float32, arch
+        # float32 boxes off bf16's grid: bf16 keeps 8 significant bits, every coordinate would be on it
+        assert not torch.equal(output['boxes'], output['boxes'].bfloat16().float()), arch
+
+
+def test_amp_on_the_command_line(classification_run, monkeypatch):
+    run, folder = classification_run
+    path = sorted((folder / 'val' / 'red').glob('*.png'))[0]
+    expected = hatnet.load(run, device='cpu', amp='bf16').predict(path, top_k=2)[0].to_dict()
+    assert _cli_json('predict', path, '--checkpoint', run, '--top-k', 2, '--json', '--amp', 'bf16') == [expected]
+    with pytest.raises(hatnet.HatNetError, match="amp must be 'none', 'bf16' or 'fp16', got 'fp8'"):
+        hatnet.load(run, device='cpu', amp='fp8')
+    # a CPU without bf16 instructions runs bf16 in software: the user is told that float32 is faster
+    monkeypatch.setattr('hatnet.tasks.predictor.cpu_emulates_bf16', lambda: True)
+    with pytest.warns(UserWarning, match='no bf16 instructions'):
+        hatnet.load(run, device='cpu', amp='bf16')

@@ -75,6 +75,9 @@ def test_bad_option_values_are_one_line_before_anything_is_read_or_written(tmp_p
     (('eval', '--checkpoint', 'x', '--batch-size', 0), "Invalid value for '--batch-size'"),
     (('seg', 'predict', 'a.png', '--checkpoint', 'x', '--short-side', 8), "Invalid value for '--short-side'"),
     (('det', 'predict', 'a.png', '--checkpoint', 'x', '--score-thresh', 2), "Invalid value for '--score-thresh'"),
+    (('predict', 'a.png', '--checkpoint', 'x', '--amp', 'fp8'), "Invalid value for '--amp': amp must be 'none', 'bf16'"),
+    (('seg', 'eval', '--data', 'x', '--checkpoint', 'x', '--amp', 'int8'), "Invalid value for '--amp'"),
+    (('serve', '--checkpoint', 'x', '--amp', 'bfloat16'), "Invalid value for '--amp'"),
     (('no-such-command',), "No such command 'no-such-command'"),
     (('eval',), "Missing option '--checkpoint'"),
 ])

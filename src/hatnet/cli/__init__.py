@@ -4,6 +4,7 @@ Commands are grouped by task (``hatnet cls|seg|det train|eval|predict``); the cl
 top-level (``hatnet train`` is ``hatnet cls train``).
 """
 import sys
+import warnings
 
 import typer
 from rich.console import Console
@@ -33,6 +34,16 @@ def _error(message: str) -> None:
 def main(argv=None) -> None:
     # first, before any operator starts PyTorch's worker threads: they inherit the mode only when they start
     flush_denormals()
+    # a warning is one line, as the command's other messages are (not the Python source it was raised in)
+    python_format = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f'warning: {message}\n'
+    try:
+        _run(argv)
+    finally:
+        warnings.formatwarning = python_format
+
+
+def _run(argv) -> None:
     try:
         # the command line's own errors (an unknown option, a value of the wrong type) come here too, to be one line
         code = app(args=argv, prog_name='hatnet', standalone_mode=False)

@@ -13,6 +13,7 @@ from ..engine.run_dir import check_output_folder, check_outputs
 from ..errors import HatNetError
 from ..fileio import write_csv_atomic
 from .app import app, console as output_console
+from .options import AmpOption
 
 EVAL_REPORT = ('confusion_matrix.png', 'per_class.csv')  # what the eval command and the demo write
 
@@ -69,11 +70,12 @@ def evaluate(
         overwrite: bool = typer.Option(False, help='Replace the report files in --out if they exist.'),
         json_output: bool = typer.Option(False, '--json', help='Print one JSON object (top1, top5 as fractions).'),
         device: str = typer.Option('auto', help='auto | cpu | cuda.'),
+        amp: AmpOption = 'none',
 ):
     """Top-1 / top-5, per-class accuracy and a confusion-matrix PNG (timm eval transform: resize, centre crop)."""
     from ..tasks.classification import ClassificationTask
 
-    predictor = ClassificationTask.load(checkpoint, device, model=model, img_size=img_size)
+    predictor = ClassificationTask.load(checkpoint, device, model=model, img_size=img_size, amp=amp)
     data = data or predictor.trained_data
     if not data:
         raise HatNetError(f'give --data: {checkpoint} does not say which data it was trained on')
@@ -105,6 +107,7 @@ def predict_command(
         batch_size: int = typer.Option(32, min=1, help='Images per forward pass.'),
         json_output: bool = typer.Option(False, '--json', help='Print JSON instead of a table.'),
         device: str = typer.Option('auto', help='auto | cpu | cuda.'),
+        amp: AmpOption = 'none',
 ):
     """Top-k classes with names for each image (dataset names from our checkpoints, ImageNet names offline)."""
     from ..data.images import find_images
@@ -117,7 +120,7 @@ def predict_command(
     if out is not None:
         check_output_folder(out)
         check_outputs([out / 'predictions.csv', *(out / f'{name}.png' for name in names)], overwrite)
-    predictor = ClassificationTask.load(checkpoint, device, model=model, img_size=img_size)
+    predictor = ClassificationTask.load(checkpoint, device, model=model, img_size=img_size, amp=amp)
     results, pictures = [], iter(names)
     for batch in checked_batches(files, batch_size, progress=not json_output):
         for result in predictor.predict(batch, top_k=top_k, batch_size=batch_size):

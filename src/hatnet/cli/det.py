@@ -9,7 +9,7 @@ from rich.table import Table
 
 from ..engine.run_dir import check_output_folder, check_outputs
 from .app import console, det_app
-from .options import (ShapesMax, ShapesMaxSize, ShapesMinSize, ShapesOut, ShapesSeed, ShapesTrain, ShapesVal,
+from .options import (AmpOption, ShapesMax, ShapesMaxSize, ShapesMinSize, ShapesOut, ShapesSeed, ShapesTrain, ShapesVal,
                       check_new_dataset_folder)
 
 CHECKPOINT_HELP = 'Run directory (its best checkpoint) or checkpoint file.'
@@ -44,6 +44,7 @@ def eval_cmd(
         min_size: Optional[int] = typer.Option(None, min=32, help="Shorter image side. [default: the run's]"),
         max_size: Optional[int] = typer.Option(None, min=32, help="Cap on the longer side. [default: the run's]"),
         device: str = typer.Option('auto', help='auto | cpu | cuda | cuda:N'),
+        amp: AmpOption = 'none',
         as_json: bool = typer.Option(False, '--json', help='Print one JSON object instead of a table.'),
         csv: Optional[Path] = typer.Option(None, help='Also write the metrics to this CSV file.'),
         results: Optional[Path] = typer.Option(None, help='Also write the detections as a COCO results json.'),
@@ -53,7 +54,7 @@ def eval_cmd(
     from ..tasks.detection import DetectionTask, write_csv
 
     check_outputs([path for path in (csv, results) if path is not None], overwrite)
-    predictor = DetectionTask.load(checkpoint, device, min_size=min_size, max_size=max_size)
+    predictor = DetectionTask.load(checkpoint, device, min_size=min_size, max_size=max_size, amp=amp)
     metrics = predictor.evaluate(data, val_split, batch_size=batch_size, workers=workers, results_file=results)
     if csv:
         write_csv(metrics, csv)
@@ -86,6 +87,7 @@ def predict_cmd(
                        '[default: the images are numbered 1, 2, ... in the order given]'),
         results: Optional[Path] = typer.Option(None, help='Also write the detections as a COCO results json.'),
         device: str = typer.Option('auto', help='auto | cpu | cuda | cuda:N'),
+        amp: AmpOption = 'none',
 ):
     """Detect objects in images: PNGs with boxes, class names, scores (and masks) drawn, plus a json."""
     from ..data.images import find_images
@@ -98,7 +100,8 @@ def predict_cmd(
     check_output_folder(out)
     check_outputs([*drawings, out / 'predictions.json', *([results] if results else [])], overwrite)
     image_ids = image_ids_for(files, annotations)
-    predictor = DetectionTask.load(checkpoint, device, score_thresh=score_thresh, detections_per_img=max_detections)
+    predictor = DetectionTask.load(checkpoint, device, score_thresh=score_thresh, detections_per_img=max_detections,
+                                   amp=amp)
     entries, coco, done = [], [], 0
     # every image is read (and checked) before anything is written; then a few at a time
     for batch in checked_batches(files, 8, check=predictor.check_input):

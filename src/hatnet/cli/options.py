@@ -19,6 +19,8 @@ import typer
 import yaml
 
 from ..engine.config import RUN as RUN_PANEL
+from ..errors import HatNetError
+from ..models.runtime import check_amp
 
 
 def comma_list(text: Optional[str]) -> Optional[List[str]]:
@@ -115,6 +117,19 @@ def settings_command(
     return command
 
 
+def _checked_amp(value: str) -> str:
+    try:
+        check_amp(value)
+    except HatNetError as e:
+        raise typer.BadParameter(str(e)) from None
+    return value
+
+
+# the --amp option of the commands that predict and evaluate (checked before anything is read)
+AmpOption = Annotated[str, typer.Option(
+    callback=_checked_amp, help='none | bf16 | fp16: run the model under autocast in that dtype, as training does with --amp (bf16 is '
+         'faster on CPUs with AVX-512-BF16 or AMX and on CUDA; outputs differ slightly from float32).')]
+
 
 # the options of ``seg shapes`` and ``det shapes`` (hatnet.data.shapes draws the scenes of both)
 ShapesOut = Annotated[Path, typer.Argument(help='Output folder (must not exist or be empty).')]
@@ -128,7 +143,6 @@ ShapesSeed = Annotated[int, typer.Option(help='Random seed.')]
 
 def check_new_dataset_folder(out: Path, min_size: int, max_size: int) -> None:
     """What ``seg shapes`` and ``det shapes`` refuse: an output that is not an empty folder, sizes out of order."""
-    from ..errors import HatNetError
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise HatNetError(f'{out} already exists and is not an empty folder; not writing into it')
     if max_size < min_size:

@@ -10,7 +10,7 @@ from rich.text import Text
 
 from ..engine.run_dir import check_output_folder, check_outputs
 from .app import console, seg_app
-from .options import (ShapesMax, ShapesMaxSize, ShapesMinSize, ShapesOut, ShapesSeed, ShapesTrain, ShapesVal,
+from .options import (AmpOption, ShapesMax, ShapesMaxSize, ShapesMinSize, ShapesOut, ShapesSeed, ShapesTrain, ShapesVal,
                       check_new_dataset_folder)
 
 LAYOUT_HELP = ('ade20k: images/ and annotations/{training,validation} (label 0 ignored, classes shifted by one); '
@@ -72,13 +72,15 @@ def evaluate(
                                                                      'beside the checkpoint)'),
         overwrite: bool = typer.Option(False, help='Replace the --csv file if it exists.'),
         device: str = typer.Option('auto', help='auto | cpu | cuda | cuda:N.'),
+        amp: AmpOption = 'none',
         workers: int = typer.Option(2, min=0, help='Data-loading processes.'),
 ):
     """mIoU, mAcc, aAcc and per-class IoU / Acc of a trained model (single scale; optionally sliding window, flip)."""
     from ..tasks.segmentation import SegmentationTask
     if csv_path is not None:  # the default CSV beside the checkpoint is the run's own report, refreshed each time
         check_outputs([csv_path], overwrite)
-    predictor = SegmentationTask.load(checkpoint, device, short_side=short_side, slide=slide, window=window)
+    predictor = SegmentationTask.load(checkpoint, device, short_side=short_side, slide=slide, window=window,
+                                      amp=amp)
     result = predictor.evaluate(data, layout=layout, split=split, flip=flip, workers=workers, progress=not json_out)
     run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
     csv_path = csv_path or run_dir / f'seg_eval_{result["split"]}.csv'
@@ -115,6 +117,7 @@ def predict(
         flip: bool = typer.Option(False, help='Average with the horizontally flipped image.'),
         alpha: float = typer.Option(0.5, min=0.0, max=1.0, help='Opacity of the colours in the overlay.'),
         device: str = typer.Option('auto', help='auto | cpu | cuda | cuda:N.'),
+        amp: AmpOption = 'none',
         json_out: bool = typer.Option(False, '--json', help='Print one JSON list instead of a table.'),
 ):
     """Segment images: per image <stem>_labels.png (class indices, single-channel), <stem>_mask.png (the same
@@ -129,7 +132,8 @@ def predict(
     check_output_folder(out)
     check_outputs([*(path for stem in stems for path in Segmentation.files(out, stem).values()),
                    out / 'predictions.json'], overwrite)
-    predictor = SegmentationTask.load(checkpoint, device, short_side=short_side, slide=slide, window=window)
+    predictor = SegmentationTask.load(checkpoint, device, short_side=short_side, slide=slide, window=window,
+                                      amp=amp)
     results, names = [], iter(stems)
     # every image is read before anything is written; then a few at a time, so that a folder fits in memory
     for batch in checked_batches(files, 8, progress=not json_out, check=predictor.check_input):

@@ -8,6 +8,7 @@ from rich.text import Text
 from ..errors import HatNetError
 from ..extras import require
 from .app import app, console as output_console
+from .options import AmpOption
 
 DEMO_RUN = Path('hatnet-demo')
 
@@ -20,6 +21,7 @@ def serve(
         host: str = typer.Option('127.0.0.1', help='Address to listen on (0.0.0.0: every network interface).'),
         port: int = typer.Option(7860, help='Port to listen on.'),
         device: str = typer.Option('auto', help='auto | cpu | cuda | cuda:N.'),
+        amp: AmpOption = 'none',
 ):
     """Serve a page to try the runs on your images (top-5, mask overlay, boxes, attention) and its JSON API."""
     require('fastapi', 'uvicorn', 'python_multipart', needed_by='hatnet serve')
@@ -30,7 +32,7 @@ def serve(
         checkpoint = [DEMO_RUN]
     from ..serve import listen, load_runs, serve as run_server
 
-    runs = load_runs(checkpoint, device)
+    runs = load_runs(checkpoint, device, amp)
     sock = listen(host, port)  # before the message: a port in use is one error line, not a traceback
     console = output_console()
     for run in runs.values():

@@ -48,7 +48,8 @@ from tqdm import tqdm
 from .. import __version__
 from ..fileio import append_text, load_file, save_atomic, write_text_atomic
 from ..errors import CheckpointError, DatasetError, HatNetError
-from ..models.runtime import EMULATED_BF16_NOTE, cpu_emulates_bf16, flush_denormals, keep_freed_memory
+from ..models.runtime import (EMULATED_BF16_NOTE, amp_autocast, check_amp, cpu_emulates_bf16, flush_denormals,
+                              keep_freed_memory)
 from . import distributed as dist
 from .checkpoint import BEST, FORMAT, LAST, capture_rng_state, load_weights, restore_rng_state
 from .fitting import Choice
@@ -82,8 +83,7 @@ def check_config(cfg: TrainConfig) -> None:
     check_ranges(cfg, TRAIN_RANGES)
     if (cfg.epochs > 0) == (cfg.iters > 0):
         raise HatNetError(f'give exactly one of epochs and iters (got epochs={cfg.epochs}, iters={cfg.iters})')
-    if cfg.amp not in ('none', 'bf16', 'fp16'):
-        raise HatNetError(f"amp must be 'none', 'bf16' or 'fp16', got {cfg.amp!r}")
+    check_amp(cfg.amp)
     if cfg.sched == 'step' and not cfg.decay_milestones:
         raise HatNetError("sched 'step' needs decay_milestones (epochs, or steps in an iteration run)")
     if cfg.resume and cfg.overwrite:
@@ -339,10 +339,7 @@ class Trainer:
         return iter(self.train_loader)
 
     def _autocast(self):
-        if self.cfg.amp == 'none':
-            return nullcontext()
-        dtype = torch.bfloat16 if self.cfg.amp == 'bf16' else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return amp_autocast(self.cfg.amp, self.device)
 
     def _train_step(self, micro_batches: list, bar) -> None:
         self.ddp_model.train()

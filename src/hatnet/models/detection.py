@@ -20,6 +20,10 @@ torchvision freezes all of ResNet's BatchNorm (BatchNorm inside frozen stages is
 
 Labels follow torchvision: 0 is the background, classes are 1..num_classes-1.
 
+Under autocast (bf16 or fp16) the prediction heads hand float32 outputs to the box decoding, the losses and the
+post-processing: torchvision decodes boxes in the dtype of the regression output, casting the anchors to it, and
+bf16's 8 significant bits would put a box edge near x = 800 on a 4-pixel grid.
+
 Images are normalised with the backbone's mean/std and batched (padded to multiples of 32) by torchvision's
 ``GeneralizedRCNNTransform``. Training images arrive already resized and flipped by the data pipeline
 (``hatnet.data.detection``, transforms v2, which moves boxes and masks along), so the model resizes only at
@@ -202,9 +206,27 @@ def check_arch(arch: str) -> None:
 
 def create_detector(arch: str, num_classes: int, anchor_size: int = ANCHOR_SIZE, **kwargs) -> nn.Module:
     """``retinanet_hat_net`` or ``maskrcnn_hat_net`` by name; ``anchor_size``: the smallest anchor side
-    (:func:`anchor_generator`; 32, torchvision's, leaves the detector's own anchors)."""
+    (:func:`anchor_generator`; 32, torchvision's, leaves the detector's own anchors). The prediction heads'
+    outputs are float32 under autocast (see the module docstring)."""
     check_arch(arch)
     if anchor_size != ANCHOR_SIZE:
         kwargs['anchor_generator' if arch == 'retinanet' else 'rpn_anchor_generator'] = \
             anchor_generator(arch, anchor_size)
-    return ARCHS[arch](num_classes, **kwargs)
+    detector = ARCHS[arch](num_classes, **kwargs)
+    heads = [detector.head] if arch == 'retinanet' else [
+        detector.rpn.head, detector.roi_heads.box_predictor, detector.roi_heads.mask_predictor]
+    for head in heads:
+        head.register_forward_hook(_float32_outputs)
+    return detector
+
+
+def _float32_outputs(module: nn.Module, inputs, output):
+    """Forward hook: the module's floating-point output tensors (also inside dicts, lists and tuples) in float32;
+    float32 ones are returned as they are."""
+    if isinstance(output, torch.Tensor):
+        return output.float() if output.is_floating_point() else output
+    if isinstance(output, dict):
+        return {key: _float32_outputs(module, inputs, value) for key, value in output.items()}
+    if isinstance(output, (list, tuple)):
+        return type(output)(_float32_outputs(module, inputs, value) for value in output)
+    return output

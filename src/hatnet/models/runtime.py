@@ -22,21 +22,27 @@ the next step instead of returning it to the OS (the trainer and ``hatnet bench`
 ``flush_denormals()`` makes the CPU treat subnormal floats as zero (the ``hatnet`` command, the trainer and
 ``hatnet bench``), and
 ``keep_compiled_kernels()`` lets oneDNN keep the compiled kernels of many models at once (``hatnet bench``).
+
+Mixed precision, for training and inference alike: ``amp_autocast(amp, device)`` is the autocast context of an
+``amp`` setting ('none', 'bf16' or 'fp16'), ``check_amp`` rejects other values.
 """
 import copy
 import ctypes
 import os
 import platform
+from contextlib import nullcontext
 from functools import partial
 
 import torch
 from timm.layers import register_notrace_module
 from torch import nn
 
+from ..errors import HatNetError
 from .hat_net import InvertedResidual, _cpu_autocast_on
 
-__all__ = ['EMULATED_BF16_NOTE', 'IS_X86', 'SLICE_BYTES', 'SlicedInvertedResidual', 'cpu_emulates_bf16',
-           'flush_denormals', 'images_per_slice', 'keep_compiled_kernels', 'keep_freed_memory', 'optimize_for_cpu']
+__all__ = ['AMP_DTYPES', 'EMULATED_BF16_NOTE', 'IS_X86', 'SLICE_BYTES', 'SlicedInvertedResidual', 'amp_autocast',
+           'check_amp', 'cpu_emulates_bf16', 'flush_denormals', 'images_per_slice', 'keep_compiled_kernels',
+           'keep_freed_memory', 'optimize_for_cpu']
 
 # best budget on an AMD Zen 4; on an Intel Ice Lake and an AMD Zen 5 any budget is the same (docs/performance.md)
 SLICE_BYTES = 16 << 20
@@ -187,3 +193,18 @@ def cpu_emulates_bf16() -> bool:
     if not IS_X86:
         return False  # other architectures: no such check here
     return not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+# the autocast dtype of each ``amp`` setting besides 'none' (float32)
+AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def check_amp(amp: str) -> None:
+    """Refuse an ``amp`` setting other than 'none', 'bf16' and 'fp16' (one HatNetError)."""
+    if amp != 'none' and amp not in AMP_DTYPES:
+        raise HatNetError(f"amp must be 'none', 'bf16' or 'fp16', got {amp!r}")
+
+
+def amp_autocast(amp: str, device: torch.device):
+    """The autocast context of ``amp`` on ``device``'s type ('none': a context that changes nothing)."""
+    return nullcontext() if amp == 'none' else torch.autocast(device.type, dtype=AMP_DTYPES[amp])

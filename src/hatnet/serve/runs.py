@@ -179,9 +179,10 @@ class Run:
         return response
 
 
-def load_runs(paths: Sequence, device: str = 'auto') -> Dict[str, Run]:
+def load_runs(paths: Sequence, device: str = 'auto', amp: str = 'none') -> Dict[str, Run]:
     """Each checkpoint (a run directory, a checkpoint file or an original HAT-Net .pth) loaded with
-    :func:`hatnet.load`, by name: the folder's name or the file's stem, with -2, -3, ... for repeats."""
+    :func:`hatnet.load` (``amp``: its predictions under autocast), by name: the folder's name or the file's
+    stem, with -2, -3, ... for repeats."""
     from .. import load
 
     runs: Dict[str, Run] = {}
@@ -192,5 +193,5 @@ def load_runs(paths: Sequence, device: str = 'auto') -> Dict[str, Run]:
         while name in runs:
             n += 1
             name = f'{base}-{n}'
-        runs[name] = Run(name, str(path), load(path, device=device))
+        runs[name] = Run(name, str(path), load(path, device=device, amp=amp))
     return runs

@@ -192,17 +192,17 @@ class ClassificationTask(Task):
 
     @classmethod
     def load(cls, run_or_checkpoint, device: str = 'auto', model: Optional[str] = None,
-             img_size: Optional[int] = None) -> 'ClassificationPredictor':
+             img_size: Optional[int] = None, amp: str = 'none') -> 'ClassificationPredictor':
         """A classifier for inference from a run directory (its best checkpoint), one of its checkpoints, or a bare
         weights file: an original HAT-Net .pth, a hatnet .safetensors (the variant is recognised) or a timm
         checkpoint of the model named by ``model``. ``img_size``: the eval input size (default: the run's or
-        the model's)."""
+        the model's); ``amp``: 'bf16' or 'fp16' to predict under autocast (see :class:`Predictor`)."""
         run = read_run(run_or_checkpoint, cls.name, bare_weights=True)
         load_fn = _load_run if run.task else _load_weights_file
-        return load_fn(run, device, model, img_size)
+        return load_fn(run, device, model, img_size, amp)
 
 
-def _load_run(run: RunCheckpoint, device, model_name: Optional[str], img_size: Optional[int]):
+def _load_run(run: RunCheckpoint, device, model_name: Optional[str], img_size: Optional[int], amp: str):
     state = run.task_state
     if model_name and model_name != state['model']:
         raise CheckpointError(f'{run.path} holds a {state["model"]}, not a {model_name}')
@@ -213,12 +213,12 @@ def _load_run(run: RunCheckpoint, device, model_name: Optional[str], img_size: O
     if img_size:
         data_config = eval_data_config(model_name, img_size, data_config['crop_pct'], data_config['interpolation'],
                                        data_config['mean'], data_config['std'])
-    return ClassificationPredictor(model, class_names_for(num_classes, state['class_names']), device,
+    return ClassificationPredictor(model, class_names_for(num_classes, state['class_names']), device, amp,
                                    model_name=model_name, data_config=data_config,
                                    trained_classes=state['class_names'], trained_data=run.config.get('data'))
 
 
-def _load_weights_file(run: RunCheckpoint, device, model_name: Optional[str], img_size: Optional[int]):
+def _load_weights_file(run: RunCheckpoint, device, model_name: Optional[str], img_size: Optional[int], amp: str):
     weights = remap_original_keys(run.state_dict)
     model_name = model_name or guess_variant(weights)
     if model_name is None:
@@ -229,7 +229,7 @@ def _load_weights_file(run: RunCheckpoint, device, model_name: Optional[str], im
         raise CheckpointError(f'{run.path} has no classifier ({classifier}.weight): not a classification checkpoint')
     model = create(model_name, weights, source=str(run.path))  # as many classes as its classifier has
     data_config = eval_data_config(model_name, img_size or default_img_size(model_name))
-    return ClassificationPredictor(model, class_names_for(model.num_classes), device, model_name=model_name,
+    return ClassificationPredictor(model, class_names_for(model.num_classes), device, amp, model_name=model_name,
                                    data_config=data_config)
 
 
@@ -314,10 +314,10 @@ class ClassificationPredictor(Predictor):
     """A classifier with its class names and eval transform (see :meth:`ClassificationTask.load`)."""
     task = ClassificationTask.name
 
-    def __init__(self, model: nn.Module, class_names: List[str], device='auto', *, model_name: str,
-                 data_config: Dict[str, Any], trained_classes: Optional[List[str]] = None,
+    def __init__(self, model: nn.Module, class_names: List[str], device='auto', amp: str = 'none', *,
+                 model_name: str, data_config: Dict[str, Any], trained_classes: Optional[List[str]] = None,
                  trained_data: Optional[str] = None):
-        super().__init__(model, class_names, device)
+        super().__init__(model, class_names, device, amp)
         self.model_name = model_name
         self.data_config = data_config  # timm's eval transform settings (input size, crop, mean / std, ...)
         self.transform = eval_transform(data_config)
@@ -332,7 +332,9 @@ class ClassificationPredictor(Predictor):
         for start in range(0, len(inputs), batch_size):
             chunk = inputs[start:start + batch_size]
             batch = torch.stack([self.transform(picture) for _, picture in chunk]).to(self.device)
-            probs = self.model(batch).float().softmax(1).cpu()
+            with self.autocast():
+                logits = self.model(batch)
+            probs = logits.float().softmax(1).cpu()
             values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
             results += [Classification(source, [self.class_names[i] for i in row], row, scores, picture=picture)
                         for (source, picture), row, scores in zip(chunk, indices.tolist(), values.tolist())]
@@ -348,7 +350,7 @@ class ClassificationPredictor(Predictor):
         if self.trained_classes is not None:
             check_same_classes(self.trained_classes, dataset.classes, 'the checkpoint', f'{data}/{split}')
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-        with torch.no_grad(), worker_errors_unwrapped():
+        with torch.no_grad(), self.autocast(), worker_errors_unwrapped():
             confusion, top5, loss = confusion_matrix(self.model, loader, self.device, num_classes)
         # without stored names (or ImageNet's), the data's folder names are the best labels for the report
         names = self.class_names if self.trained_classes or num_classes == 1000 else class_names_for(

@@ -133,11 +133,12 @@ class DetectionTask(Task):
     @classmethod
     def load(cls, run_or_checkpoint, device: str = 'auto', score_thresh: Optional[float] = None,
              detections_per_img: Optional[int] = None, min_size: Optional[int] = None,
-             max_size: Optional[int] = None) -> 'DetectionPredictor':
+             max_size: Optional[int] = None, amp: str = 'none') -> 'DetectionPredictor':
         """A detector for inference from a run directory (its best checkpoint) or a checkpoint file of ``hatnet det
         train``. The options change the run's inference settings: drop detections scoring below
         ``score_thresh``, keep at most ``detections_per_img``, resize to a shorter side of ``min_size`` with the
-        longer side at most ``max_size``."""
+        longer side at most ``max_size``; ``amp``: 'bf16' or 'fp16' to detect under autocast (see
+        :class:`Predictor`)."""
         run = read_run(run_or_checkpoint, cls.name)
         state = run.task_state
         overrides = dict(score_thresh=score_thresh, detections_per_img=detections_per_img, min_size=min_size,
@@ -146,7 +147,7 @@ class DetectionTask(Task):
         check_config(config)
         model = build_detector(config, len(state['class_names']) + 1)
         load_weights(model, run.state_dict, source=str(run.path))
-        return DetectionPredictor(model, state['class_names'], device, category_ids=state['category_ids'],
+        return DetectionPredictor(model, state['class_names'], device, amp, category_ids=state['category_ids'],
                                   config=config)
 
 
@@ -427,9 +428,9 @@ class DetectionPredictor(Predictor):
     """A detector with the run's categories and inference settings (see :meth:`DetectionTask.load`)."""
     task = DetectionTask.name
 
-    def __init__(self, model: nn.Module, class_names: List[str], device='auto', *, category_ids: List[int],
-                 config: DetectionConfig):
-        super().__init__(model, class_names, device)
+    def __init__(self, model: nn.Module, class_names: List[str], device='auto', amp: str = 'none', *,
+                 category_ids: List[int], config: DetectionConfig):
+        super().__init__(model, class_names, device, amp)
         self.category_ids = list(category_ids)  # the dataset's id of each class
         self.config = config                    # the run's settings with the inference overrides
 
@@ -447,7 +448,8 @@ class DetectionPredictor(Predictor):
             self.check_input(source, picture)
         results = []
         for source, picture in inputs:
-            output = self.model([pil_to_tensor(picture).to(self.device) / 255.])[0]
+            with self.autocast():
+                output = self.model([pil_to_tensor(picture).to(self.device) / 255.])[0]
             results.append(self._detection(source, picture, {k: v.cpu() for k, v in output.items()}))
         return results
 
@@ -470,7 +472,7 @@ class DetectionPredictor(Predictor):
             raise DatasetError(f'{dataset.annotation_file} lists other categories than the detector was trained on '
                                f'({", ".join(self.class_names)})')
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
-        with worker_errors_unwrapped():
+        with self.autocast(), worker_errors_unwrapped():
             detections = predict_coco(self.model, loader, self.device, dataset.category_ids)
         if results_file is not None:
             write_json(detections, results_file)

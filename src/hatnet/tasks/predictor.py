@@ -6,11 +6,16 @@ device, with the run's class names, and two methods of the same shape for every 
     predictor.predict(images, **options)   # -> a list of typed results, one per image
     predictor.evaluate(data, **options)    # -> a dict of metrics (what ``hatnet ... eval --json`` prints)
 
+``amp='bf16'`` (or 'fp16') runs every forward pass of both under autocast, as ``hatnet train --amp`` trains:
+on a CPU with bf16 instructions (AVX-512-BF16, AMX) and on CUDA, faster than float32 at slightly different
+outputs (docs/performance.md measures both).
+
 ``images`` is one image or a list of them: file paths (str or Path), PIL images, numpy arrays (H, W, 3) of
 uint8 or (H, W) grayscale; all are read (:func:`hatnet.data.images.read_image`) before any is predicted,
 so one unreadable file fails the call before any work is done.
 """
 import os
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +31,7 @@ from ..data.images import Frame, ImageSource, read_image
 from ..engine.checkpoint import RunCheckpoint, load_run_checkpoint
 from ..engine.distributed import resolve_device
 from ..errors import CheckpointError, InputError
-from ..models.runtime import optimize_for_cpu
+from ..models.runtime import EMULATED_BF16_NOTE, amp_autocast, check_amp, cpu_emulates_bf16, optimize_for_cpu
 
 __all__ = ['ImageSource', 'Images', 'Prediction', 'Predictor', 'check_resized_size', 'checked_batches', 'read_inputs',
            'read_run', 'unique_stems']
@@ -59,13 +64,24 @@ class Predictor(ABC):
     #: the task's name ('classification', 'segmentation', 'detection')
     task: str = ''
 
-    def __init__(self, model: nn.Module, class_names: Sequence[str], device: Union[str, torch.device] = 'auto'):
+    def __init__(self, model: nn.Module, class_names: Sequence[str], device: Union[str, torch.device] = 'auto',
+                 amp: str = 'none'):
+        check_amp(amp)
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
-        self.model = model.to(self.device).eval()
+        self.amp = amp  # 'none' (float32), 'bf16' or 'fp16': the autocast dtype of every forward pass
+        if amp == 'bf16' and self.device.type == 'cpu' and cpu_emulates_bf16():
+            warnings.warn(f"{EMULATED_BF16_NOTE}; amp 'none' is faster", stacklevel=2)
+        # channels_last, as the trainer trains: the heads and decoders (and other backbones) compute in NHWC; a
+        # model left NCHW took 1.3x the time of a Semantic FPN / UNet prediction in bf16 (docs/performance.md)
+        self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         if self.device.type == 'cpu':
             # HAT-Net's batch-sliced MLPs with fused SiLU: outputs equal within float32 rounding, faster on CPU
             optimize_for_cpu(self.model)
         self.class_names = list(class_names)
+
+    def autocast(self):
+        """The context of every forward pass of ``predict`` and ``evaluate``: autocast to ``amp``'s dtype."""
+        return amp_autocast(self.amp, self.device)
 
     def check_input(self, source: Optional[str], picture: Image.Image) -> None:
         """Refuse an image this predictor cannot take (one InputError naming ``source``); ``predict`` checks
@@ -80,8 +96,9 @@ class Predictor(ABC):
         """The metrics of the model on a dataset (a folder, or a name such as 'digits')."""
 
     def __repr__(self) -> str:
+        amp = '' if self.amp == 'none' else f', amp={self.amp}'
         return (f'{type(self).__name__}({type(self.model).__name__}, {len(self.class_names)} classes, '
-                f'device={self.device})')
+                f'device={self.device}{amp})')
 
 
 def read_inputs(images: Images) -> List[Tuple[Optional[str], Image.Image]]:

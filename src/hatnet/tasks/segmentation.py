@@ -116,7 +116,7 @@ def sliding_window(model: nn.Module, image: torch.Tensor, window: int) -> torch.
     logits = counts = None
     for top in _window_starts(height, window, stride):
         for left in _window_starts(width, window, stride):
-            out = model(image[..., top:top + window, left:left + window])
+            out = model(image[..., top:top + window, left:left + window]).float()  # summed in float32 under autocast
             if logits is None:
                 logits = out.new_zeros(*out.shape[:2], height, width)
                 counts = out.new_zeros(1, 1, height, width)
@@ -330,17 +330,18 @@ class SegmentationTask(Task):
 
     @classmethod
     def load(cls, run_or_checkpoint, device: str = 'auto', short_side: Optional[int] = None, slide: bool = False,
-             window: Optional[int] = None) -> 'SegmentationPredictor':
+             window: Optional[int] = None, amp: str = 'none') -> 'SegmentationPredictor':
         """A segmenter for inference from a run directory (its best checkpoint) or a checkpoint file of ``hatnet seg
         train``. ``short_side``: the test scale (default: the run's); ``slide``: sliding-window inference with
-        windows of ``window`` pixels (default: the run's crop size)."""
+        windows of ``window`` pixels (default: the run's crop size); ``amp``: 'bf16' or 'fp16' to segment under
+        autocast (see :class:`Predictor`)."""
         run = read_run(run_or_checkpoint, cls.name)
         state = run.task_state
         cfg = state['config']
         model = build_segmenter(cfg.get('head', 'fpn'), cfg['model'], len(state['class_names']), norm=cfg['norm'])
         load_weights(model, run.state_dict, source=str(run.path))
         return SegmentationPredictor(
-            model, state['class_names'], device, model_name=cfg['model'], layout=cfg['layout'],
+            model, state['class_names'], device, amp, model_name=cfg['model'], layout=cfg['layout'],
             palette=[tuple(c) for c in state['palette']],
             short_side=short_side or cfg['short_side'], window=(window or cfg['crop_size']) if slide else 0)
 
@@ -411,10 +412,10 @@ class SegmentationPredictor(Predictor):
     """A Semantic FPN with the run's classes, colours and test-time settings (see :meth:`SegmentationTask.load`)."""
     task = SegmentationTask.name
 
-    def __init__(self, model: nn.Module, class_names: List[str], device='auto', *, model_name: str,
-                 layout: str = 'ade20k', palette: Optional[List[Tuple[int, int, int]]] = None, short_side: int = 512,
-                 window: int = 0):
-        super().__init__(model, class_names, device)
+    def __init__(self, model: nn.Module, class_names: List[str], device='auto', amp: str = 'none', *,
+                 model_name: str, layout: str = 'ade20k', palette: Optional[List[Tuple[int, int, int]]] = None,
+                 short_side: int = 512, window: int = 0):
+        super().__init__(model, class_names, device, amp)
         self.model_name = model_name  # the backbone: its input normalisation
         self.layout = layout          # of the run's data: what evaluate() expects by default
         self.palette = palette or make_palette(len(self.class_names))
@@ -435,8 +436,9 @@ class SegmentationPredictor(Predictor):
         results = []
         for source, picture in inputs:
             pixels = tv_tensors.Image(pil_to_tensor(picture))
-            probs = predict_probs(self.model, self.transform(pixels)[None].to(self.device), pixels.shape[-2:],
-                                  self.window, flip)
+            with self.autocast():
+                probs = predict_probs(self.model, self.transform(pixels)[None].to(self.device), pixels.shape[-2:],
+                                      self.window, flip)
             results.append(Segmentation(source, probs.argmax(1)[0].cpu().numpy(), self.class_names, self.palette,
                                         picture=picture))
         return results
@@ -454,7 +456,7 @@ class SegmentationPredictor(Predictor):
                                       checked.reduce_zero_label, joint=False)
         loader = DataLoader(dataset, batch_size=1, num_workers=workers, collate_fn=collate)
         with tqdm(total=len(dataset), desc=f'evaluating {split}', unit='img', disable=not progress) as bar, \
-                worker_errors_unwrapped():
+                self.autocast(), worker_errors_unwrapped():
             confusion = confusion_matrix(self.model, loader, self.device, checked.num_classes,
                                          checked.ignore_index, self.window, flip, progress=lambda: bar.update(1))
         metrics = segmentation_metrics(confusion)
