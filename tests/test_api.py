@@ -185,8 +185,9 @@ def test_checkpoints_of_the_old_schema_still_load(run_fixture, request, tmp_path
     assert old.predict(image)[0].to_dict() == new.predict(image)[0].to_dict()
 
 
-# what each run is given to predict with, and the options that make its predictions comparable
-AMP_OPTIONS = dict(classification_run={}, segmentation_run={}, detection_run=dict(score_thresh=0., detections_per_img=5))
+# the options that make each run's predictions comparable
+AMP_OPTIONS = dict(classification_run={}, segmentation_run={},
+                   detection_run=dict(score_thresh=0., detections_per_img=5))
 
 
 def _first_image(run_fixture, data):

@@ -2,13 +2,13 @@
 
 For each run, two predictors (``hatnet.load(run, amp='none')`` and ``amp='bf16'``) predict the same generated
 images (uniform noise of ``--size``; classification resizes them to its input size, segmentation to its test
-scale or ``--short-side``, detection to its own or ``--min-size`` / ``--max-size``) in interleaved rounds after one untimed call each; the
-median time of each and their ratio are printed, with how far the bf16 results are from the float32 ones:
-top-1 agreement (classification), pixel agreement (segmentation), the number of detections above the score
-threshold and the median of the largest coordinate difference between each float32 box and the bf16 box that
-overlaps it most (detection). On noise images the detections are low-scoring guesses; a run's own evaluation
-(``hatnet det eval --amp bf16``) measures what the difference does to AP. Freed
-memory is kept and subnormal floats are flushed, as the trainer and ``hatnet bench`` do.
+scale or ``--short-side``, detection to its own sizes or ``--min-size`` / ``--max-size``) in interleaved rounds
+after one untimed call each. Printed: the median time of each, their ratio, and how far the bf16 results are
+from the float32 ones: top-1 agreement (classification), pixel agreement (segmentation), the number of
+detections above the score threshold and the median of the largest coordinate difference between each float32
+box and the bf16 box that overlaps it most (detection). On noise images the detections are low-scoring guesses;
+a run's own evaluation (``hatnet det eval --amp bf16``) measures what the difference does to AP. Freed memory
+is kept and subnormal floats are flushed, as the trainer and ``hatnet bench`` do.
 
     PYTHONPATH=src python tools/bench_predictors.py HAT-Net_Tiny.pth --size 256x256 --images 32
     PYTHONPATH=src python tools/bench_predictors.py runs/seg --size 512x683 --images 4 --short-side 512
@@ -23,6 +23,7 @@ import torch
 from torchvision.ops import box_iou
 
 import hatnet
+from hatnet.engine.checkpoint import load_run_checkpoint
 from hatnet.models.runtime import flush_denormals, keep_freed_memory
 
 
@@ -58,10 +59,12 @@ def main():
     height, width = (int(v) for v in args.size.split('x'))
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(args.images)]
-    print(f'{torch.get_num_threads()} threads, {args.images} images of {height}x{width}, median of {args.rounds} rounds')
+    print(f'{torch.get_num_threads()} threads, {args.images} images of {height}x{width}, '
+          f'median of {args.rounds} rounds')
     for run in args.runs:
+        task = load_run_checkpoint(run).task or 'classification'  # a bare weights file is a classifier
         options = dict(classification={}, segmentation=dict(short_side=args.short_side),
-                       detection=dict(min_size=args.min_size, max_size=args.max_size))[hatnet.load(run).task]
+                       detection=dict(min_size=args.min_size, max_size=args.max_size))[task]
         predictors = {amp: hatnet.load(run, device='cpu', amp=amp, **options) for amp in ('none', 'bf16')}
         results = {amp: p.predict(images) for amp, p in predictors.items()}  # untimed: first calls set up kernels
         seconds = {amp: [] for amp in predictors}
@@ -71,7 +74,6 @@ def main():
                 predictor.predict(images)
                 seconds[amp].append(time.perf_counter() - start)
         fp32, bf16 = (statistics.median(seconds[amp]) for amp in ('none', 'bf16'))
-        task = predictors['none'].task
         print(f'{run} ({task}): float32 {fp32:.3f} s, bf16 {bf16:.3f} s, {fp32 / bf16:.2f}x; '
               f'{agreement(task, results["none"], results["bf16"])}', flush=True)
 

@@ -127,7 +127,8 @@ def _checked_amp(value: str) -> str:
 
 # the --amp option of the commands that predict and evaluate (checked before anything is read)
 AmpOption = Annotated[str, typer.Option(
-    callback=_checked_amp, help='none | bf16 | fp16: run the model under autocast in that dtype, as training does with --amp (bf16 is '
+    callback=_checked_amp,
+    help='none | bf16 | fp16: run the model under autocast in that dtype, as training does with --amp (bf16 is '
          'faster on CPUs with AVX-512-BF16 or AMX and on CUDA; outputs differ slightly from float32).')]
 
 

@@ -221,12 +221,17 @@ def create_detector(arch: str, num_classes: int, anchor_size: int = ANCHOR_SIZE,
 
 
 def _float32_outputs(module: nn.Module, inputs, output):
-    """Forward hook: the module's floating-point output tensors (also inside dicts, lists and tuples) in float32;
-    float32 ones are returned as they are."""
-    if isinstance(output, torch.Tensor):
-        return output.float() if output.is_floating_point() else output
-    if isinstance(output, dict):
-        return {key: _float32_outputs(module, inputs, value) for key, value in output.items()}
-    if isinstance(output, (list, tuple)):
-        return type(output)(_float32_outputs(module, inputs, value) for value in output)
-    return output
+    """Forward hook: the module's output with its floating-point tensors in float32."""
+    return _float32(output)
+
+
+def _float32(value):
+    """``value`` with every floating-point tensor in it (also inside dicts, lists and tuples) in float32; float32
+    tensors are returned as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {key: _float32(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_float32(item) for item in value)
+    return value
