@@ -4,7 +4,6 @@ Every runtime turns a model into a callable ``run(images) -> output`` that alrea
 (bf16 = autocast), memory-format and mode choices, so the timing loop treats them all alike. In ``train``
 mode one call is a whole training step: forward, loss, backward and an AdamW step.
 """
-import contextlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 
 from ..errors import HatNetError
 from ..models import optimize_for_cpu
+from ..models.runtime import amp_autocast
 
 RUNTIMES = ('eager', 'compile', 'onnxruntime')
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
@@ -47,9 +47,8 @@ def compile_model(model: torch.nn.Module, **compile_kwargs) -> Callable[[torch.T
 
 
 def _autocast(settings: RunSettings):
-    if settings.dtype == 'fp32':
-        return contextlib.nullcontext()
-    return torch.autocast(settings.device.type, dtype=DTYPES[settings.dtype])
+    # the bench's 'fp32' is the trainer's and the predictors' amp 'none'
+    return amp_autocast('none' if settings.dtype == 'fp32' else settings.dtype, settings.device)
 
 
 def training_loss(output) -> torch.Tensor:
